@@ -1,0 +1,1 @@
+"""Prefect flows of stackwise and its command line."""

@@ -1,0 +1,136 @@
+"""The `stackwise` command line: run a stack as a local Prefect flow run, or plan one."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from flows.environment import apply_prefect_defaults
+
+apply_prefect_defaults()
+
+from tasks.errors import StackwiseError  # noqa: E402
+
+__all__ = ["main"]
+
+logger = logging.getLogger("stackwise")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stackwise",
+        description="Train a stack of Keras networks stage by stage, each stage a cached Prefect task.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="train the stack (reusing cached stages) and evaluate it")
+    run.add_argument("spec", help="path of the stack spec YAML file")
+    run.add_argument("--retrain", nargs="+", default=[], metavar="STAGE",
+                     help="train these stages again even if their artifacts exist")
+    run.add_argument("--json", action="store_true",
+                     help="print the run summary as one JSON object on stdout; logs go to stderr")
+    run.add_argument("--data-dir", default=None,
+                     help="artifact store folder (default: $STACKWISE_DATA_DIR or ./data)")
+
+    plan = commands.add_parser("plan", help="show which stages a run would reuse or train, and why")
+    plan.add_argument("spec", help="path of the stack spec YAML file")
+    plan.add_argument("--retrain", nargs="+", default=[], metavar="STAGE",
+                      help="plan as if these stages were forced to train")
+    plan.add_argument("--data-dir", default=None, help="artifact store folder (default: ./data)")
+    return parser
+
+
+def _data_dir(argument: str | None) -> str:
+    from flows.stack_flow import DEFAULT_DATA_DIR
+
+    return argument or DEFAULT_DATA_DIR
+
+
+def _preflight(spec_path: str, retrain: list[str], data_dir: str):
+    """Validate the spec and the data before Prefect starts; return the spec, store and dataset."""
+    from flows.stack_flow import check_retrain_names
+    from tasks.dataset import snapshot_dataset
+    from tasks.spec import check_shapes, load_spec
+    from tasks.store import Store
+
+    spec = load_spec(spec_path)
+    check_retrain_names(spec, retrain)
+    store = Store(data_dir)
+    dataset = snapshot_dataset(spec, store)
+    check_shapes(spec, dataset.shape, dataset.n_classes, where=spec_path)
+    return spec, store, dataset
+
+
+def _run(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args.data_dir)
+    _preflight(args.spec, args.retrain, data_dir)
+
+    from flows.stack_flow import stack_flow
+
+    # Prefect and TensorFlow may print to stdout; keep it for the JSON summary alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        state = stack_flow(args.spec, retrain=args.retrain, data_dir=data_dir, return_state=True)
+    if state.is_failed() or state.is_crashed() or state.is_cancelled():
+        error = state.result(raise_on_failure=False)
+        if isinstance(error, StackwiseError):
+            raise error
+        raise StackwiseError(f"the flow run ended {state.name}: {error}")
+    summary = state.result()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(_format_summary(summary))
+    return 0
+
+
+def _format_summary(summary: dict) -> str:
+    metrics = summary["evaluation"]["metrics"]
+    lines = [
+        f"stack '{summary['stack']}': {summary['evaluation']['split']} accuracy "
+        f"{metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, log loss {metrics['log_loss']:.4f}",
+        f"{'stage':<16} {'status':<8} {'seconds':>8}  {'fingerprint':<12}  validation accuracy",
+    ]
+    for stage in summary["stages"]:
+        lines.append(
+            f"{stage['name']:<16} {stage['status']:<8} {stage['seconds']:>8.1f}  "
+            f"{stage['fingerprint'][:12]:<12}  {stage['validation_accuracy']:.4f}"
+        )
+    lines.append(f"assembled model: {summary['model_dir']}")
+    lines.append(f"report: {summary['report']}")
+    return "\n".join(lines)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from tasks.plan import plan_stack
+
+    spec, store, dataset = _preflight(args.spec, args.retrain, _data_dir(args.data_dir))
+    print(f"stack '{spec.name}', dataset {dataset.digest[:12]}, store {store.root}")
+    for decision in plan_stack(spec, dataset, store, set(args.retrain)):
+        fingerprint = decision.fingerprint[:12] if decision.fingerprint else "(after parents)"
+        print(f"  {decision.stage:<16} {decision.action:<6} {fingerprint:<16} {decision.reason}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # One line per HTTP request to the Prefect API buries the training log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        if args.command == "run":
+            return _run(args)
+        return _plan(args)
+    except StackwiseError as exc:
+        print(f"stackwise: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("stackwise: interrupted; completed stages are kept and reused by the next run", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The stack flow: snapshot the data, build every stage in DAG order, assemble, evaluate."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from flows.environment import apply_prefect_defaults
+
+apply_prefect_defaults()
+
+from prefect import flow  # noqa: E402
+from prefect.context import FlowRunContext  # noqa: E402
+from prefect.futures import PrefectFuture, as_completed  # noqa: E402
+
+from tasks.dataset import Dataset  # noqa: E402
+from tasks.errors import SpecError, StageFailed  # noqa: E402
+from tasks.plan import assembly_fingerprint, decide_stage  # noqa: E402
+from tasks.prefect_tasks import assemble_task, snapshot_task, stage_task, task_options  # noqa: E402
+from tasks.spec import StackSpec, check_shapes, load_spec  # noqa: E402
+from tasks.store import Store  # noqa: E402
+from tasks.jobs import ParentRef, StageJob, dataset_parent  # noqa: E402
+
+__all__ = ["stack_flow", "DEFAULT_DATA_DIR"]
+
+DEFAULT_DATA_DIR = os.environ.get("STACKWISE_DATA_DIR", "data")
+
+
+@flow(name="stackwise", log_prints=False)
+def stack_flow(spec_path: str, retrain: list[str] | None = None, data_dir: str = DEFAULT_DATA_DIR) -> dict:
+    """Train the stack described by the spec at `spec_path`, stage by stage.
+
+    `retrain` names stages to train again even if their artifacts exist; stages that
+    depend on them are retrained only if the new artifact differs.
+    """
+    store = Store(data_dir)
+    spec = load_spec(spec_path)
+    check_retrain_names(spec, retrain or [])
+
+    dataset = snapshot_task(spec, str(store.root))
+    check_shapes(spec, dataset.shape, dataset.n_classes, where=spec_path)
+
+    stages = build_stages(spec, dataset, store, set(retrain or []))
+
+    assembly = assemble(spec, dataset, store, stages)
+
+    return run_summary(spec, stages, assembly)
+
+
+def check_retrain_names(spec: StackSpec, retrain: list[str]) -> None:
+    names = [stage.name for stage in spec.stages]
+    for name in retrain:
+        if name not in names:
+            raise SpecError(f"--retrain: unknown stage '{name}'; stages of '{spec.name}': {', '.join(names)}")
+
+
+def _submit_stage(spec, stage, dataset: Dataset, store: Store, manifests, force: bool) -> PrefectFuture:
+    decision = decide_stage(spec, stage, dataset, manifests, store, force=force)
+    if stage.parents:
+        parents = [
+            ParentRef(name, str(store.stage_dir(name, manifests[name]["fingerprint"])),
+                      manifests[name]["feature_files"])
+            for name in stage.parents
+        ]
+    else:
+        parents = [dataset_parent(dataset)]
+    job = StageJob(
+        stack=spec.name,
+        stage=stage.normalized(spec.defaults),
+        fingerprint=decision.fingerprint,
+        fingerprint_inputs=decision.inputs,
+        parents=parents,
+        dataset=dataset.to_dict(),
+        store_root=str(store.root),
+        force=force,
+    )
+    options = task_options(store, refresh=decision.action == "train")
+    return stage_task.with_options(task_run_name=stage.name, **options).submit(
+        stage.name, decision.fingerprint, job.to_dict()
+    )
+
+
+def build_stages(spec: StackSpec, dataset: Dataset, store: Store, retrain: set[str]) -> dict[str, dict]:
+    """Submit each stage once its parents are done; independent branches run at once.
+
+    A failed stage stops only the stages below it: the others finish and keep their
+    artifacts, so a retry of the flow run reuses them. Returns each stage's summary
+    in topological order, after raising StageFailed if any stage failed.
+    """
+    pending = spec.topological_order()
+    running: dict[PrefectFuture, str] = {}
+    summaries: dict[str, dict] = {}
+    manifests: dict[str, dict] = {}
+    failures: dict[str, BaseException] = {}
+    while True:
+        # A stage whose parent failed never becomes ready, so it is never submitted.
+        for stage in [s for s in pending if all(p in manifests for p in s.parents)]:
+            pending.remove(stage)
+            running[_submit_stage(spec, stage, dataset, store, manifests, stage.name in retrain)] = stage.name
+        if not running:
+            break
+        future = next(as_completed(list(running)))
+        name = running.pop(future)
+        try:
+            summary = future.result()
+        except BaseException as exc:  # noqa: BLE001 - reported after the other branches finish.
+            failures[name] = exc
+            continue
+        summaries[name] = _mark_cached(future, summary)
+        manifests[name] = store.lookup(Path(summary["folder"]))
+    if failures:
+        first = next(iter(failures.values()))
+        if isinstance(first, StageFailed):
+            raise first
+        raise StageFailed(f"stage '{next(iter(failures))}' failed: {first}") from first
+    return {stage.name: {**summaries[stage.name], "manifest": manifests[stage.name]}
+            for stage in spec.topological_order()}
+
+
+def _mark_cached(future: PrefectFuture, summary: dict) -> dict:
+    """Mark a result that Prefect served from its cache: nothing ran in this flow run."""
+    if future.state.name != "Cached":
+        return summary
+    now = future.state.timestamp.isoformat()
+    return {**summary, "status": "cached", "seconds": 0.0, "started_at": now, "finished_at": now}
+
+
+def assemble(spec: StackSpec, dataset: Dataset, store: Store, stages: dict[str, dict]) -> dict:
+    manifests = {name: stage["manifest"] for name, stage in stages.items()}
+    fingerprint = assembly_fingerprint(spec, dataset, manifests)
+    job = {
+        "stack": spec.name,
+        "fingerprint": fingerprint,
+        "stages": [
+            {"name": stage.name, "parents": stage.parents, "folder": stages[stage.name]["folder"]}
+            for stage in spec.topological_order()
+        ],
+        "head": spec.head.name,
+        "dataset": dataset.to_dict(),
+        "split": spec.evaluation.split,
+        "store_root": str(store.root),
+    }
+    options = task_options(store, refresh=store.lookup(store.assembled_dir(spec.name, fingerprint)) is None)
+    future = assemble_task.with_options(**options).submit(fingerprint, job)
+    return _mark_cached(future, future.result())
+
+
+def run_summary(spec: StackSpec, stages: dict[str, dict], assembly: dict) -> dict[str, Any]:
+    """Return the run's JSON summary: every stage's status and files, and the evaluation."""
+    context = FlowRunContext.get()
+    flow_run_id = str(context.flow_run.id) if context and context.flow_run else None
+    entries = []
+    for name, stage in stages.items():
+        folder = Path(stage["folder"])
+        entries.append({
+            "name": name,
+            "status": stage["status"],
+            "fingerprint": stage["fingerprint"],
+            "seconds": stage["seconds"],
+            "started_at": stage["started_at"],
+            "finished_at": stage["finished_at"],
+            "model_dir": str(folder / "model"),
+            "feature_files": {
+                split: str(folder / relative)
+                for split, relative in stage["manifest"]["feature_files"].items()
+            },
+            "validation_accuracy": stage["manifest"]["metrics"]["validation_accuracy"],
+        })
+    report = assembly["report"]
+    return {
+        "stack": spec.name,
+        "flow_run_id": flow_run_id,
+        "stages": entries,
+        "evaluation": {"split": report["split"], "metrics": report["metrics"]},
+        "assembly_status": assembly["status"],
+        "model_dir": str(Path(assembly["folder"]) / "model"),
+        "report": str(Path(assembly["folder"]) / "report.json"),
+    }

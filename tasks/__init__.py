@@ -1,0 +1,1 @@
+"""Stage machinery of stackwise: spec, store, feature files, training, assembly, Prefect tasks."""

@@ -1,0 +1,76 @@
+"""Jobs: the JSON-ready descriptions of work that a stage process carries out.
+
+They import nothing heavy, so the flow builds them without loading TensorFlow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tasks.dataset import SPLITS, Dataset
+
+__all__ = ["AssemblyJob", "ParentRef", "StageJob", "dataset_parent"]
+
+
+@dataclass(frozen=True)
+class ParentRef:
+    """Where a stage reads one parent's outputs: a stage artifact, or the dataset snapshot."""
+
+    name: str
+    folder: str
+    # Maps split name to the feature file, relative to `folder`.
+    feature_files: dict[str, str]
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """Everything a process needs to build one stage's artifact."""
+
+    stack: str
+    stage: dict[str, Any]
+    fingerprint: str
+    fingerprint_inputs: dict[str, Any]
+    parents: list[ParentRef]
+    dataset: dict[str, Any]
+    store_root: str
+    force: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> StageJob:
+        parents = [ParentRef(**parent) for parent in value["parents"]]
+        return cls(**{**value, "parents": parents})
+
+
+def dataset_parent(dataset: Dataset) -> ParentRef:
+    """Return the reference through which root stages read the dataset snapshot."""
+    return ParentRef(
+        name="input",
+        folder=str(dataset.folder),
+        feature_files={split: f"{split}.parquet" for split in SPLITS},
+    )
+
+
+@dataclass(frozen=True)
+class AssemblyJob:
+    """Everything a process needs to assemble and evaluate a stack."""
+
+    stack: str
+    fingerprint: str
+    # Stages in topological order: name, parents and artifact folder.
+    stages: list[dict[str, Any]]
+    head: str
+    dataset: dict[str, Any]
+    split: str
+    store_root: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> AssemblyJob:
+        return cls(**value)

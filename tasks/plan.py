@@ -1,0 +1,137 @@
+"""Planning: each stage's fingerprint, whether its artifact can be reused, and why not.
+
+The flow and `stackwise plan` share these functions, so the plan a user reads is
+the decision a run makes. Nothing here imports Prefect or TensorFlow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.dataset import Dataset
+from tasks.fingerprint import digest_json, fingerprint_inputs, fingerprint_of
+from tasks.spec import StackSpec, StageSpec
+from tasks.store import Store, read_manifest
+
+__all__ = ["StageDecision", "assembly_fingerprint", "decide_stage", "plan_stack"]
+
+
+@dataclass(frozen=True)
+class StageDecision:
+    """Whether one stage is reused or trained, with its fingerprint and the reason."""
+
+    stage: str
+    action: str  # "reuse" or "train"
+    reason: str
+    fingerprint: str | None
+    inputs: dict[str, Any] | None
+    manifest: dict[str, Any] | None
+    folder: Path | None
+
+
+def parent_digests(stage: StageSpec, dataset: Dataset, manifests: dict[str, dict]) -> dict[str, str]:
+    """Map each parent to its artifact digest; a root stage's parent is the dataset."""
+    if not stage.parents:
+        return {"input": dataset.digest}
+    return {parent: manifests[parent]["artifact_digest"] for parent in stage.parents}
+
+
+def decide_stage(
+    spec: StackSpec,
+    stage: StageSpec,
+    dataset: Dataset,
+    manifests: dict[str, dict],
+    store: Store,
+    force: bool = False,
+) -> StageDecision:
+    """Compute a stage's fingerprint from its parents' manifests and look up its artifact."""
+    inputs = fingerprint_inputs(
+        stage.normalized(spec.defaults), parent_digests(stage, dataset, manifests), dataset.digest
+    )
+    fingerprint = fingerprint_of(inputs)
+    folder = store.stage_dir(stage.name, fingerprint)
+    if force:
+        return StageDecision(stage.name, "train", "retrain requested", fingerprint, inputs, None, folder)
+    verification = store.verify(folder)
+    if verification.ok:
+        return StageDecision(
+            stage.name, "reuse", "artifact found", fingerprint, inputs, verification.manifest, folder
+        )
+    if folder.exists():
+        reason = f"artifact damaged ({verification.problem})"
+    else:
+        reason = _what_changed(store, stage.name, inputs)
+    return StageDecision(stage.name, "train", reason, fingerprint, inputs, None, folder)
+
+
+def _latest_manifest(store: Store, stage: str) -> dict[str, Any] | None:
+    folder = store.root / "stages" / stage
+    if not folder.is_dir():
+        return None
+    manifests = [read_manifest(path) for path in folder.iterdir() if path.is_dir()]
+    manifests = [manifest for manifest in manifests if manifest and "fingerprint_inputs" in manifest]
+    return max(manifests, key=lambda manifest: manifest["created_at"], default=None)
+
+
+def _what_changed(store: Store, stage: str, inputs: dict[str, Any]) -> str:
+    previous = _latest_manifest(store, stage)
+    if previous is None:
+        return "never trained"
+    before = previous["fingerprint_inputs"]
+    changes = []
+    if before["stage"] != inputs["stage"]:
+        fields = sorted(
+            key for key in set(before["stage"]) | set(inputs["stage"])
+            if before["stage"].get(key) != inputs["stage"].get(key)
+        )
+        changes.append(f"spec changed ({', '.join(fields)})")
+    if before["dataset"] != inputs["dataset"]:
+        changes.append("data changed")
+    elif before["parents"] != inputs["parents"]:
+        changed = sorted(
+            name for name in set(before["parents"]) | set(inputs["parents"])
+            if before["parents"].get(name) != inputs["parents"].get(name)
+        )
+        changes.append(f"parent changed ({', '.join(changed)})")
+    if before["code"] != inputs["code"] or before["libraries"] != inputs["libraries"]:
+        changes.append("stackwise code or library versions changed")
+    return "; ".join(changes) or "artifact missing"
+
+
+def plan_stack(
+    spec: StackSpec, dataset: Dataset, store: Store, retrain: set[str] | None = None
+) -> list[StageDecision]:
+    """Decide every stage without training; a stage below a retrained one is marked train."""
+    retrain = retrain or set()
+    manifests: dict[str, dict] = {}
+    decisions = []
+    for stage in spec.topological_order():
+        changed_parents = [parent for parent in stage.parents if parent not in manifests]
+        if changed_parents:
+            decisions.append(StageDecision(
+                stage.name, "train",
+                f"parent changed ({', '.join(changed_parents)} will be trained; this stage is "
+                "reused if that artifact comes out identical)",
+                None, None, None, None,
+            ))
+            continue
+        decision = decide_stage(spec, stage, dataset, manifests, store, force=stage.name in retrain)
+        decisions.append(decision)
+        if decision.action == "reuse":
+            manifests[stage.name] = decision.manifest
+    return decisions
+
+
+def assembly_fingerprint(spec: StackSpec, dataset: Dataset, manifests: dict[str, dict]) -> str:
+    """Return the assembled model's fingerprint: every stage's artifact digest and the evaluation."""
+    return digest_json(
+        {
+            "stages": {name: manifest["artifact_digest"] for name, manifest in sorted(manifests.items())},
+            "graph": {stage.name: stage.parents for stage in spec.stages},
+            "dataset": dataset.digest,
+            "evaluation": spec.evaluation.model_dump(mode="json"),
+            "code": fingerprint_inputs({}, {}, "")["code"],
+        }
+    )

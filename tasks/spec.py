@@ -1,0 +1,430 @@
+"""The stack spec: YAML in, validated pydantic models out, with one-line errors.
+
+A spec names the data source, the split, training defaults and the stages. Loading
+checks the fields (pydantic), then the stage graph (one small function per rule),
+so that every mistake is reported before anything trains. This module imports
+neither Prefect nor TensorFlow.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BeforeValidator,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+)
+
+from tasks.errors import SpecError
+from tasks.layers import LayerSpec, ShapeMismatch, SpecModel, parse_layer, suggest
+
+__all__ = [
+    "BUILTIN_SOURCES",
+    "DataSpec",
+    "EarlyStopping",
+    "SplitSpec",
+    "StackSpec",
+    "StageSpec",
+    "TrainingSettings",
+    "check_shapes",
+    "load_spec",
+    "parse_spec",
+]
+
+BUILTIN_SOURCES = ("sklearn:digits",)
+STAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+Optimizer = Literal["adam", "adamw", "sgd", "rmsprop"]
+Objective = Literal["supervised", "head"]
+
+
+class SplitSpec(SpecModel):
+    """How the source rows are divided into train, validation and test splits."""
+
+    test: float = Field(default=0.2, gt=0.0, lt=1.0)
+    validation: float = Field(default=0.1, gt=0.0, lt=1.0)
+    seed: int = 0
+    stratify: bool = True
+
+
+class DataSpec(SpecModel):
+    """The data source: a built-in data set, or a Parquet or CSV file with named columns."""
+
+    source: str = Field(min_length=1)
+    features: list[str] | None = Field(default=None, min_length=1)
+    label: str | None = None
+    # Shape of one example; the source's flat feature vector is reshaped to it.
+    shape: tuple[PositiveInt, ...] | None = Field(default=None, min_length=1)
+    split: SplitSpec = SplitSpec()
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if ":" in value and not value.startswith(("/", ".")) and value not in BUILTIN_SOURCES:
+            raise ValueError(
+                f"unknown built-in source '{value}'.{suggest(value, BUILTIN_SOURCES)} "
+                f"Built-in sources: {', '.join(BUILTIN_SOURCES)}; or give a .parquet or .csv path"
+            )
+        if ":" not in value and not value.endswith((".parquet", ".csv")):
+            raise ValueError(
+                f"data file '{value}' must end in .parquet or .csv; "
+                f"or use a built-in source: {', '.join(BUILTIN_SOURCES)}"
+            )
+        return value
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.source in BUILTIN_SOURCES
+
+
+class EarlyStopping(SpecModel):
+    """Stop training when `monitor` has not improved by `min_delta` for `patience` epochs."""
+
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    patience: NonNegativeInt = 5
+    min_delta: NonNegativeFloat = 0.0
+    restore_best_weights: bool = True
+
+
+class TrainingSettings(SpecModel):
+    """Training settings of a stage. Unset fields fall back to the spec's `defaults`."""
+
+    optimizer: Optimizer | None = None
+    learning_rate: PositiveFloat | None = None
+    epochs: PositiveInt | None = None
+    batch_size: PositiveInt | None = None
+    early_stopping: EarlyStopping | None = None
+    seed: int | None = None
+
+
+DEFAULT_TRAINING = {
+    "optimizer": "adam",
+    "learning_rate": 0.001,
+    "epochs": 20,
+    "batch_size": 64,
+    "early_stopping": None,
+    "seed": 0,
+}
+TRAINING_FIELDS = tuple(DEFAULT_TRAINING)
+
+Layer = Annotated[SerializeAsAny[LayerSpec], BeforeValidator(parse_layer)]
+
+
+class StageSpec(TrainingSettings):
+    """One stage: its parents, its layers, its objective and its training settings."""
+
+    name: str
+    parents: list[str] = Field(default_factory=list)
+    objective: Objective = "supervised"
+    layers: list[Layer] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not STAGE_NAME.match(value):
+            raise ValueError(
+                f"stage name '{value}' is not a valid identifier; use letters, digits and "
+                "underscores, starting with a letter, such as 'hidden_1'"
+            )
+        return value
+
+    def training(self, defaults: TrainingSettings) -> dict[str, Any]:
+        """Return the resolved training settings: the stage's own, then `defaults`, then built-ins."""
+        resolved = {}
+        for field in TRAINING_FIELDS:
+            value = getattr(self, field)
+            if value is None:
+                value = getattr(defaults, field)
+            if value is None:
+                value = DEFAULT_TRAINING[field]
+            if isinstance(value, SpecModel):
+                value = value.model_dump(mode="json")
+            resolved[field] = value
+        return resolved
+
+    def normalized(self, defaults: TrainingSettings) -> dict[str, Any]:
+        """Return the canonical form of this stage that its fingerprint covers."""
+        return {
+            "name": self.name,
+            "parents": list(self.parents),
+            "objective": self.objective,
+            "layers": [layer.model_dump(mode="json") for layer in self.layers],
+            "training": self.training(defaults),
+        }
+
+
+class EvaluationSpec(SpecModel):
+    """Which split the assembled model is evaluated on."""
+
+    split: Literal["test", "validation"] = "test"
+
+
+class StackSpec(SpecModel):
+    """A whole stack: data, defaults and stages, in the order the YAML lists them."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    data: DataSpec
+    defaults: TrainingSettings = TrainingSettings()
+    stages: list[StageSpec] = Field(min_length=1)
+    evaluation: EvaluationSpec = EvaluationSpec()
+    # Folder of the spec file; relative data paths are resolved against it.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    def stage(self, name: str) -> StageSpec:
+        return next(stage for stage in self.stages if stage.name == name)
+
+    @property
+    def head(self) -> StageSpec:
+        return next(stage for stage in self.stages if stage.objective == "head")
+
+    def topological_order(self) -> list[StageSpec]:
+        """Return the stages so that every stage comes after its parents."""
+        ordered: list[StageSpec] = []
+        placed: set[str] = set()
+        remaining = list(self.stages)
+        while remaining:
+            ready = [stage for stage in remaining if set(stage.parents) <= placed]
+            ordered.extend(ready)
+            placed.update(stage.name for stage in ready)
+            remaining = [stage for stage in remaining if stage.name not in placed]
+        return ordered
+
+    def descendants(self, names: set[str]) -> set[str]:
+        """Return `names` and every stage that depends on one of them."""
+        found = set(names)
+        for stage in self.topological_order():
+            if found.intersection(stage.parents):
+                found.add(stage.name)
+        return found
+
+    def data_path(self) -> Path | None:
+        if self.data.is_builtin:
+            return None
+        return (self.base_dir / self.data.source).resolve()
+
+
+# Graph rules, one per function. Each raises SpecError naming the stage and the fix.
+
+
+def _check_unique_names(spec: StackSpec, where: str) -> None:
+    seen: set[str] = set()
+    for index, stage in enumerate(spec.stages):
+        if stage.name in seen:
+            raise SpecError(
+                f"{where}: stages[{index}].name: duplicate stage name '{stage.name}'; "
+                "give every stage its own name"
+            )
+        seen.add(stage.name)
+
+
+def _check_parents_exist(spec: StackSpec, where: str) -> None:
+    names = [stage.name for stage in spec.stages]
+    for stage in spec.stages:
+        for parent in stage.parents:
+            if parent not in names:
+                raise SpecError(
+                    f"{where}: stage '{stage.name}' parents: unknown stage '{parent}'."
+                    f"{suggest(parent, names)} Known stages: {', '.join(names)}"
+                )
+        if len(set(stage.parents)) != len(stage.parents):
+            raise SpecError(
+                f"{where}: stage '{stage.name}' parents: {stage.parents} lists a stage twice; "
+                "list each parent once"
+            )
+
+
+def _check_acyclic(spec: StackSpec, where: str) -> None:
+    parents = {stage.name: stage.parents for stage in spec.stages}
+    state: dict[str, str] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            cycle = path[path.index(name):] + [name]
+            raise SpecError(
+                f"{where}: stage '{name}' parents: the stages form a cycle "
+                f"({' -> '.join(cycle)}); remove one of these parent links"
+            )
+        state[name] = "visiting"
+        for parent in parents[name]:
+            visit(parent, path + [name])
+        state[name] = "done"
+
+    for name in parents:
+        visit(name, [])
+
+
+def _check_one_head(spec: StackSpec, where: str) -> None:
+    heads = [stage.name for stage in spec.stages if stage.objective == "head"]
+    if len(heads) != 1:
+        found = ", ".join(heads) if heads else "none"
+        raise SpecError(
+            f"{where}: stages: expected exactly one stage with objective 'head', found {found}; "
+            "set objective: head on the final stage only"
+        )
+    children = [stage.name for stage in spec.stages if heads[0] in stage.parents]
+    if children:
+        raise SpecError(
+            f"{where}: stage '{children[0]}' parents: '{heads[0]}' is the head and cannot be a "
+            "parent; make the head the last stage"
+        )
+
+
+def _check_reaches_head(spec: StackSpec, where: str) -> None:
+    needed = {spec.head.name}
+    for stage in reversed(spec.topological_order()):
+        if stage.name in needed:
+            needed.update(stage.parents)
+    for stage in spec.stages:
+        if stage.name not in needed:
+            raise SpecError(
+                f"{where}: stage '{stage.name}' does not feed the head '{spec.head.name}'; "
+                "list it in a later stage's parents or remove it"
+            )
+
+
+def _check_layers(spec: StackSpec, where: str) -> None:
+    for stage in spec.stages:
+        if stage.objective == "supervised" and not stage.layers:
+            raise SpecError(
+                f"{where}: stage '{stage.name}' layers: a supervised stage needs at least one "
+                "layer, got none; add layers or remove the stage"
+            )
+
+
+GRAPH_RULES = (
+    _check_unique_names,
+    _check_parents_exist,
+    _check_acyclic,
+    _check_one_head,
+    _check_reaches_head,
+    _check_layers,
+)
+
+
+def _describe_location(raw: Any, loc: tuple[Any, ...]) -> str:
+    """Turn a pydantic error location into "stage 'name' field" or a dotted path."""
+    parts: list[str] = []
+    index = 0
+    if len(loc) >= 2 and loc[0] == "stages" and isinstance(loc[1], int):
+        name = None
+        try:
+            name = raw["stages"][loc[1]].get("name")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            pass
+        parts.append(f"stage '{name}'" if isinstance(name, str) else f"stages[{loc[1]}]")
+        index = 2
+    path = ""
+    for part in loc[index:]:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    if path:
+        parts.append(path)
+    return " ".join(parts) if parts else "spec"
+
+
+def _format_validation_error(where: str, raw: Any, exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    loc = tuple(error["loc"])
+    location = _describe_location(raw, loc)
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"{where}: {location}: required field is missing; add it to the spec"
+    if error["type"] in {"value_error", "assertion_error"}:
+        return f"{where}: {location}: {message}"
+    received = error.get("input")
+    return f"{where}: {location}: {message}; received {received!r}. Fix this value in the spec"
+
+
+def parse_spec(raw: Any, where: str = "spec", base_dir: Path = Path(".")) -> StackSpec:
+    """Validate an already-parsed YAML document into a StackSpec, or raise SpecError."""
+    if not isinstance(raw, dict):
+        raise SpecError(
+            f"{where}: the spec must be a YAML mapping with keys name, data and stages; "
+            f"got {type(raw).__name__}"
+        )
+    try:
+        spec = StackSpec.model_validate({**raw, "base_dir": base_dir})
+    except ValidationError as exc:
+        raise SpecError(_format_validation_error(where, raw, exc)) from None
+    for rule in GRAPH_RULES:
+        rule(spec, where)
+    return spec
+
+
+def load_spec(path: str | Path) -> StackSpec:
+    """Read and validate the stack spec at `path`, or raise SpecError."""
+    path = Path(path)
+    if path.is_dir():
+        raise SpecError(f"{path}: is a folder; give the path of a stack spec YAML file")
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found; check the path")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{path}: invalid YAML{at}: {problem}; fix the syntax") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a UTF-8 text file; give a YAML stack spec") from None
+    return parse_spec(raw, where=str(path), base_dir=path.parent.resolve())
+
+
+def stage_input_shape(
+    spec: StackSpec, stage: StageSpec, output_shapes: dict[str, tuple[int, ...]],
+    input_shape: tuple[int, ...],
+) -> tuple[int, ...]:
+    """Return the shape a stage receives: the data's, one parent's, or its parents' concatenated."""
+    if not stage.parents:
+        return input_shape
+    shapes = [output_shapes[parent] for parent in stage.parents]
+    if len(shapes) == 1:
+        return shapes[0]
+    return (sum(_flat_size(shape) for shape in shapes),)
+
+
+def _flat_size(shape: tuple[int, ...]) -> int:
+    size = 1
+    for dimension in shape:
+        size *= dimension
+    return size
+
+
+def check_shapes(
+    spec: StackSpec, input_shape: tuple[int, ...], n_classes: int, where: str = "spec"
+) -> dict[str, tuple[int, ...]]:
+    """Infer every stage's output shape from the data's example shape, or raise SpecError.
+
+    A head stage ends in a softmax over the classes, so its output shape is (n_classes,).
+    """
+    output_shapes: dict[str, tuple[int, ...]] = {}
+    for stage in spec.topological_order():
+        shape = stage_input_shape(spec, stage, output_shapes, input_shape)
+        for index, layer in enumerate(stage.layers):
+            try:
+                shape = layer.output_shape(shape)
+            except ShapeMismatch as exc:
+                source = f"parents {stage.parents}" if stage.parents else "the data"
+                raise SpecError(
+                    f"{where}: stage '{stage.name}' layers[{index}] ({layer.layer}): {exc}. "
+                    f"The stage's input comes from {source}"
+                ) from None
+        if stage.objective == "head":
+            if len(shape) != 1:
+                raise SpecError(
+                    f"{where}: stage '{stage.name}': the head's output before its softmax layer "
+                    f"has shape {list(shape)}; add a Flatten or GlobalAveragePooling2D layer"
+                )
+            shape = (n_classes,)
+        output_shapes[stage.name] = shape
+    return output_shapes

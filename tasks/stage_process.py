@@ -1,0 +1,144 @@
+"""Run stage training or assembly in a child process and relay its events.
+
+Each stage trains in its own Python process. TensorFlow's memory is returned when
+the process exits, an out-of-memory kill fails that stage alone, global seeds
+cannot leak between stages that run at once, and a run that reuses every stage
+never imports TensorFlow.
+
+Protocol: the parent writes a JSON job file and starts `python -m
+tasks.stage_process JOB_FILE`. The child writes one JSON event per line to its
+standard output (anything else it would print goes to standard error) and ends
+with a `result` or an `error` event.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tasks.errors import StageFailed, StackwiseError
+
+__all__ = ["run_job"]
+
+logger = logging.getLogger(__name__)
+
+STDERR_LINES_KEPT = 30
+
+
+def run_job(
+    action: str,
+    job: dict[str, Any],
+    label: str,
+    on_event: Callable[[dict[str, Any]], None] = lambda event: None,
+) -> dict[str, Any]:
+    """Run `action` ("train" or "assemble") on `job` in a child process; return its result.
+
+    Raises StageFailed with the child's own message, or with the end of its standard
+    error if it died without one (for example when the kernel killed it for memory).
+    """
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="stackwise-job-", delete=False) as handle:
+        json.dump({"action": action, "job": job}, handle)
+    project_root = str(Path(__file__).resolve().parent.parent)
+    python_path = os.pathsep.join(filter(None, [project_root, os.environ.get("PYTHONPATH")]))
+    environment = {
+        **os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path,
+    }
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tasks.stage_process", handle.name],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+        )
+        stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
+        reader = threading.Thread(target=_drain, args=(process.stderr, stderr_tail, label), daemon=True)
+        reader.start()
+        outcome = _relay_events(process, on_event)
+        process.wait()
+        reader.join(timeout=5)
+    finally:
+        os.unlink(handle.name)
+    return _result_or_raise(outcome, process.returncode, stderr_tail, label)
+
+
+def _drain(stream, tail: collections.deque[str], label: str) -> None:
+    for line in stream:
+        tail.append(line.rstrip())
+        logger.debug("%s: %s", label, line.rstrip())
+
+
+def _relay_events(process: subprocess.Popen, on_event) -> dict[str, Any] | None:
+    outcome = None
+    for line in process.stdout:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            logger.debug("non-event output from a stage process: %s", line.rstrip())
+            continue
+        if event.get("event") in {"result", "error"}:
+            outcome = event
+        else:
+            on_event(event)
+    return outcome
+
+
+def _result_or_raise(outcome, returncode: int, stderr_tail, label: str) -> dict[str, Any]:
+    if outcome and outcome["event"] == "result" and returncode == 0:
+        return outcome["value"]
+    if outcome and outcome["event"] == "error":
+        if outcome.get("expected"):
+            raise StageFailed(outcome["message"])
+        last = " | ".join(list(stderr_tail)[-3:])
+        raise StageFailed(f"{label} failed: {outcome['message']} ({last})")
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        hint = " (the kernel kills processes this way when memory runs out)" if name == "SIGKILL" else ""
+        raise StageFailed(
+            f"{label}: the training process was killed by {name}{hint}; "
+            "lower the batch size or the data size, then run again"
+        )
+    last = " | ".join(list(stderr_tail)[-5:])
+    raise StageFailed(f"{label}: the training process exited with code {returncode}: {last}")
+
+
+def _main(job_file: str) -> int:
+    # Keep stdout for events: anything that libraries print goes to stderr instead.
+    events = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+    def emit(event: dict[str, Any]) -> None:
+        events.write(json.dumps(event) + "\n")
+
+    request = json.loads(Path(job_file).read_text())
+    try:
+        if request["action"] == "train":
+            from tasks.training import StageJob, train_stage
+
+            value = train_stage(StageJob.from_dict(request["job"]), emit)
+        else:
+            from tasks.assembly import AssemblyJob, assemble_stack
+
+            value = assemble_stack(AssemblyJob.from_dict(request["job"]), emit)
+    except StackwiseError as exc:
+        emit({"event": "error", "message": str(exc), "expected": True})
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the parent needs every failure as a message.
+        import traceback
+
+        traceback.print_exc()
+        emit({"event": "error", "message": f"{type(exc).__name__}: {exc}"})
+        return 1
+    emit({"event": "result", "value": value})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1]))

@@ -1,0 +1,186 @@
+"""The artifact store: folders published atomically, each with a manifest of checksums.
+
+Layout under the store's root (by default `./data`):
+
+    datasets/<digest>/            the data source's splits as feature files
+    stages/<stage>/<fingerprint>/ a stage's SavedModel, feature files and manifest
+    assembled/<stack>/<fingerprint>/ the assembled SavedModel and report.json
+    staging/                      folders being written; never read as artifacts
+    prefect/                      Prefect's persisted task results and lock files
+
+An artifact is written into a folder under `staging/` and renamed into place only
+when complete, so a crash never leaves a partial folder where a later run looks. Its
+`manifest.json` is written last and lists the size, modification time and sha256 of
+every file. Reuse checks sizes and times, and recomputes a digest only for a file
+whose time changed, so an edited or truncated file is caught without rereading the
+rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.fingerprint import digest_file
+
+__all__ = ["MANIFEST", "Store", "Verification", "checksum_files", "read_manifest"]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The outcome of checking an artifact folder: its manifest, or why it cannot be trusted."""
+
+    manifest: dict[str, Any] | None
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.manifest is not None
+
+
+def checksum_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Return size, modification time and sha256 of every file below `folder` except the manifest."""
+    entries = {}
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.name == MANIFEST and path.parent == folder:
+            continue
+        stat = path.stat()
+        entries[path.relative_to(folder).as_posix()] = {
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "sha256": digest_file(path),
+        }
+    return entries
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """Return the parsed manifest of `folder`, or None if it is missing or unreadable."""
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json_atomically(path: Path, value: Any) -> None:
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(temporary, "w") as handle:
+        json.dump(value, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _fsync_tree(folder: Path) -> None:
+    # Flush file contents before the rename that publishes them, so that a power loss
+    # cannot publish a folder whose files are still empty.
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+class Store:
+    """The artifact store rooted at one folder."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+
+    def dataset_dir(self, digest: str) -> Path:
+        return self.root / "datasets" / digest
+
+    def stage_dir(self, stage: str, fingerprint: str) -> Path:
+        return self.root / "stages" / stage / fingerprint
+
+    def assembled_dir(self, stack: str, fingerprint: str) -> Path:
+        return self.root / "assembled" / stack / fingerprint
+
+    @property
+    def prefect_dir(self) -> Path:
+        return self.root / "prefect"
+
+    @contextmanager
+    def staging(self, label: str) -> Iterator[Path]:
+        """Yield a fresh folder under `staging/`; remove it if the block raises."""
+        folder = self.root / "staging" / f"{label}-{uuid.uuid4().hex[:12]}"
+        folder.mkdir(parents=True)
+        try:
+            yield folder
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    def publish(self, staged: Path, target: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Write the manifest into `staged`, then rename it to `target`; return the manifest.
+
+        An existing `target` (a forced rebuild or a corrupt artifact) is moved aside first
+        and deleted after the new folder is in place.
+        """
+        manifest = {
+            **manifest,
+            "manifest_version": MANIFEST_VERSION,
+            "files": checksum_files(staged),
+        }
+        _fsync_tree(staged)
+        _write_json_atomically(staged / MANIFEST, manifest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        retired = None
+        if target.exists():
+            retired = target.with_name(f".retired-{target.name}-{uuid.uuid4().hex[:8]}")
+            os.rename(target, retired)
+        os.rename(staged, target)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+        return manifest
+
+    def verify(self, folder: Path, full: bool = False) -> Verification:
+        """Check that `folder` is a complete artifact whose files match its manifest.
+
+        With `full`, every file's sha256 is recomputed; otherwise only files whose size
+        or modification time differ from the manifest's are.
+        """
+        if not folder.is_dir():
+            return Verification(None, "artifact missing")
+        manifest = read_manifest(folder)
+        if manifest is None or "files" not in manifest:
+            return Verification(None, f"no readable {MANIFEST} in {folder}")
+        for relative, expected in manifest["files"].items():
+            problem = _check_file(folder / relative, expected, full)
+            if problem:
+                return Verification(None, f"{folder / relative}: {problem}")
+        return Verification(manifest)
+
+    def lookup(self, folder: Path, full: bool = False) -> dict[str, Any] | None:
+        """Return the manifest of a trustworthy artifact at `folder`, warning about a corrupt one."""
+        result = self.verify(folder, full=full)
+        if result.ok:
+            return result.manifest
+        if folder.exists() and result.problem:
+            logger.warning("Ignoring a damaged artifact, it will be rebuilt: %s", result.problem)
+        return None
+
+
+def _check_file(path: Path, expected: dict[str, Any], full: bool) -> str | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return "file missing"
+    if stat.st_size != expected["size"]:
+        return f"size is {stat.st_size} bytes, the manifest records {expected['size']}"
+    if full or stat.st_mtime_ns != expected.get("mtime_ns"):
+        actual = digest_file(path)
+        if actual != expected["sha256"]:
+            return f"sha256 is {actual[:12]}…, the manifest records {expected['sha256'][:12]}…"
+    return None
