@@ -54,6 +54,7 @@ def _preflight(spec_path: str, retrain: list[str], data_dir: str):
     """Validate the spec and the data before Prefect starts; return the spec, store and dataset."""
     from flows.stack_flow import check_retrain_names
     from tasks.dataset import snapshot_dataset
+    from tasks.plan import normal_class_indices
     from tasks.spec import check_shapes, load_spec
     from tasks.store import Store
 
@@ -62,7 +63,23 @@ def _preflight(spec_path: str, retrain: list[str], data_dir: str):
     store = Store(data_dir)
     dataset = snapshot_dataset(spec, store)
     check_shapes(spec, dataset.shape, dataset.n_classes, where=spec_path)
+    normal_class_indices(spec, dataset)
     return spec, store, dataset
+
+
+class _HideExpectedTracebacks(logging.Filter):
+    """Drop the traceback from log records about errors stackwise explains in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], StackwiseError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_expected_tracebacks() -> None:
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_HideExpectedTracebacks())
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -70,6 +87,8 @@ def _run(args: argparse.Namespace) -> int:
     _preflight(args.spec, args.retrain, data_dir)
 
     from flows.stack_flow import stack_flow
+
+    _quiet_expected_tracebacks()
 
     # Prefect and TensorFlow may print to stdout; keep it for the JSON summary alone.
     with contextlib.redirect_stdout(sys.stderr):
@@ -88,16 +107,20 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _format_summary(summary: dict) -> str:
-    metrics = summary["evaluation"]["metrics"]
+    from tasks.evaluation import headline
+
     lines = [
-        f"stack '{summary['stack']}': {summary['evaluation']['split']} accuracy "
-        f"{metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, log loss {metrics['log_loss']:.4f}",
-        f"{'stage':<16} {'status':<8} {'seconds':>8}  {'fingerprint':<12}  validation accuracy",
+        f"stack '{summary['stack']}': {headline(summary['evaluation'])}",
+        f"{'stage':<16} {'status':<8} {'seconds':>8}  {'fingerprint':<12}  validation metric",
     ]
     for stage in summary["stages"]:
+        if stage["validation_accuracy"] is not None:
+            metric = f"accuracy {stage['validation_accuracy']:.4f}"
+        else:
+            metric = f"loss {stage['validation_loss']:.4f}"
         lines.append(
             f"{stage['name']:<16} {stage['status']:<8} {stage['seconds']:>8.1f}  "
-            f"{stage['fingerprint'][:12]:<12}  {stage['validation_accuracy']:.4f}"
+            f"{stage['fingerprint'][:12]:<12}  {metric}"
         )
     lines.append(f"assembled model: {summary['model_dir']}")
     lines.append(f"report: {summary['report']}")

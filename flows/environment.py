@@ -9,6 +9,8 @@ PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "TF_CPP_MIN_LOG_LEVEL": "2",
+    # Prefect's temporary server needs more than its default 20 s on a busy 2-core machine.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }
 
 

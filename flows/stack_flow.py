@@ -16,7 +16,7 @@ from prefect.futures import PrefectFuture, as_completed  # noqa: E402
 
 from tasks.dataset import Dataset  # noqa: E402
 from tasks.errors import SpecError, StageFailed  # noqa: E402
-from tasks.plan import assembly_fingerprint, decide_stage  # noqa: E402
+from tasks.plan import assembly_job, decide_stage  # noqa: E402
 from tasks.prefect_tasks import assemble_task, snapshot_task, stage_task, task_options  # noqa: E402
 from tasks.spec import StackSpec, check_shapes, load_spec  # noqa: E402
 from tasks.store import Store  # noqa: E402
@@ -39,11 +39,11 @@ def stack_flow(spec_path: str, retrain: list[str] | None = None, data_dir: str =
     check_retrain_names(spec, retrain or [])
 
     dataset = snapshot_task(spec, str(store.root))
-    check_shapes(spec, dataset.shape, dataset.n_classes, where=spec_path)
+    shapes = check_shapes(spec, dataset.shape, dataset.n_classes, where=spec_path)
 
     stages = build_stages(spec, dataset, store, set(retrain or []))
 
-    assembly = assemble(spec, dataset, store, stages)
+    assembly = assemble(spec, dataset, store, stages, shapes)
 
     return run_summary(spec, stages, assembly)
 
@@ -67,7 +67,7 @@ def _submit_stage(spec, stage, dataset: Dataset, store: Store, manifests, force:
         parents = [dataset_parent(dataset)]
     job = StageJob(
         stack=spec.name,
-        stage=stage.normalized(spec.defaults),
+        stage=decision.inputs["stage"],
         fingerprint=decision.fingerprint,
         fingerprint_inputs=decision.inputs,
         parents=parents,
@@ -126,23 +126,14 @@ def _mark_cached(future: PrefectFuture, summary: dict) -> dict:
     return {**summary, "status": "cached", "seconds": 0.0, "started_at": now, "finished_at": now}
 
 
-def assemble(spec: StackSpec, dataset: Dataset, store: Store, stages: dict[str, dict]) -> dict:
+def assemble(
+    spec: StackSpec, dataset: Dataset, store: Store, stages: dict[str, dict], shapes: dict[str, tuple]
+) -> dict:
     manifests = {name: stage["manifest"] for name, stage in stages.items()}
-    fingerprint = assembly_fingerprint(spec, dataset, manifests)
-    job = {
-        "stack": spec.name,
-        "fingerprint": fingerprint,
-        "stages": [
-            {"name": stage.name, "parents": stage.parents, "folder": stages[stage.name]["folder"]}
-            for stage in spec.topological_order()
-        ],
-        "head": spec.head.name,
-        "dataset": dataset.to_dict(),
-        "split": spec.evaluation.split,
-        "store_root": str(store.root),
-    }
-    options = task_options(store, refresh=store.lookup(store.assembled_dir(spec.name, fingerprint)) is None)
-    future = assemble_task.with_options(**options).submit(fingerprint, job)
+    job = assembly_job(spec, dataset, store, manifests, shapes)
+    reusable = store.lookup(store.assembled_dir(spec.name, job.fingerprint)) is not None
+    options = task_options(store, refresh=not reusable)
+    future = assemble_task.with_options(**options).submit(job.fingerprint, job.to_dict())
     return _mark_cached(future, future.result())
 
 
@@ -165,14 +156,17 @@ def run_summary(spec: StackSpec, stages: dict[str, dict], assembly: dict) -> dic
                 split: str(folder / relative)
                 for split, relative in stage["manifest"]["feature_files"].items()
             },
-            "validation_accuracy": stage["manifest"]["metrics"]["validation_accuracy"],
+            "validation_accuracy": stage["manifest"]["metrics"].get("validation_accuracy"),
+            "validation_loss": stage["manifest"]["metrics"].get("validation_loss"),
         })
     report = assembly["report"]
     return {
         "stack": spec.name,
         "flow_run_id": flow_run_id,
         "stages": entries,
-        "evaluation": {"split": report["split"], "metrics": report["metrics"]},
+        "evaluation": {
+            key: report[key] for key in ("task", "split", "metrics", "baseline", "fine_tune") if key in report
+        },
         "assembly_status": assembly["status"],
         "model_dir": str(Path(assembly["folder"]) / "model"),
         "report": str(Path(assembly["folder"]) / "report.json"),

@@ -17,7 +17,8 @@ import numpy as np
 
 from tasks.errors import DataError
 from tasks.features import read_feature_file, write_feature_file
-from tasks.fingerprint import digest_file, digest_json, library_versions
+from tasks.fingerprint import digest_file, digest_json
+from tasks.sources import load_builtin
 from tasks.spec import StackSpec
 from tasks.store import Store
 
@@ -65,7 +66,12 @@ class Dataset:
 
 def _source_digest(spec: StackSpec) -> str:
     if spec.data.is_builtin:
-        return digest_json({"builtin": spec.data.source, "libraries": library_versions()})
+        features, labels, classes, shape = load_builtin(spec.data.source)
+        digest = hashlib.sha256(spec.data.source.encode())
+        for part in (features, labels.astype(np.int64), np.array(shape)):
+            digest.update(np.ascontiguousarray(part).tobytes())
+        digest.update(",".join(classes).encode())
+        return digest.hexdigest()
     path = spec.data_path()
     if path.is_dir() or not path.exists():
         raise DataError(
@@ -73,13 +79,6 @@ def _source_digest(spec: StackSpec) -> str:
             "the spec file's folder"
         )
     return digest_file(path)
-
-
-def _load_builtin(source: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return digits.data.astype(np.float32), digits.target, [str(name) for name in digits.target_names]
 
 
 def _read_table(path: Path):
@@ -234,11 +233,12 @@ def snapshot_dataset(spec: StackSpec, store: Store) -> Dataset:
 
 def _write_snapshot(spec: StackSpec, store: Store, digest: str, folder: Path) -> dict[str, Any]:
     if spec.data.is_builtin:
-        features, labels, classes = _load_builtin(spec.data.source)
+        features, labels, classes, natural_shape = load_builtin(spec.data.source)
     else:
         features, labels, classes = _load_file(spec)
+        natural_shape = (features.shape[1],)
     _check_values(spec, features, labels, classes)
-    shape = tuple(spec.data.shape) if spec.data.shape else (features.shape[1],)
+    shape = tuple(spec.data.shape) if spec.data.shape else natural_shape
     features = features.reshape(len(features), *shape)
     splits = _split(spec, labels)
     with store.staging(f"dataset-{digest[:12]}") as staged:

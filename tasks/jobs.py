@@ -61,12 +61,21 @@ class AssemblyJob:
 
     stack: str
     fingerprint: str
-    # Stages in topological order: name, parents and artifact folder.
+    # Stages in topological order: name, parents, merge, objective, artifact folder,
+    # the normalized stage spec and its validation metrics.
     stages: list[dict[str, Any]]
     head: str
     dataset: dict[str, Any]
     split: str
     store_root: str
+    seed: int = 0
+    # "classification", or "anomaly" with the label indices of normal rows.
+    task: str = "classification"
+    normal_classes: list[int] | None = None
+    # Fine-tuning settings (FineTuneSpec as a dict, stages resolved to names), or None.
+    fine_tune: dict[str, Any] | None = None
+    # End-to-end baseline settings: optimizer, learning_rate, batch_size, epochs, early_stopping.
+    baseline: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -78,6 +78,11 @@ class LayerSpec(SpecModel):
     # Number of input dimensions (without the batch axis) the layer needs, or None for any.
     required_rank: ClassVar[int | None] = None
 
+    @property
+    def is_preprocessing(self) -> bool:
+        """Whether the layer only rescales its input, with nothing learned by gradient."""
+        return False
+
     def keras_arguments(self) -> dict[str, Any]:
         """Return the keyword arguments for the Keras layer class."""
         return self.model_dump(exclude={"layer"}, exclude_none=True)
@@ -123,8 +128,20 @@ class BatchNormalization(LayerSpec):
 
 
 class LayerNormalization(LayerSpec):
+    """Normalize over `axis` per example; with center and scale off it has no weights.
+
+    On a (time, channels) window, axis 1 standardizes each channel over time.
+    """
+
     layer: Literal["LayerNormalization"]
+    axis: int | list[int] = -1
     epsilon: float = Field(default=0.001, gt=0.0)
+    center: bool = True
+    scale: bool = True
+
+    @property
+    def is_preprocessing(self) -> bool:
+        return not self.center and not self.scale
 
 
 class ActivationLayer(LayerSpec):
@@ -139,11 +156,19 @@ class Rescaling(LayerSpec):
     scale: float
     offset: float = 0.0
 
+    @property
+    def is_preprocessing(self) -> bool:
+        return True
+
 
 class Normalization(LayerSpec):
     """Standardize each feature with the mean and variance of the stage's training split."""
 
     layer: Literal["Normalization"]
+
+    @property
+    def is_preprocessing(self) -> bool:
+        return True
 
 
 class Flatten(LayerSpec):

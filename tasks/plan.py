@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from tasks.dataset import Dataset
-from tasks.fingerprint import digest_json, fingerprint_inputs, fingerprint_of
-from tasks.spec import StackSpec, StageSpec
+from tasks.errors import DataError
+from tasks.fingerprint import code_digest, digest_json, fingerprint_inputs, fingerprint_of
+from tasks.jobs import AssemblyJob
+from tasks.spec import StackSpec, StageSpec, stage_input_shape
 from tasks.store import Store, read_manifest
 
-__all__ = ["StageDecision", "assembly_fingerprint", "decide_stage", "plan_stack"]
+__all__ = ["StageDecision", "assembly_job", "decide_stage", "normalized_stage", "plan_stack"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,31 @@ def parent_digests(stage: StageSpec, dataset: Dataset, manifests: dict[str, dict
     return {parent: manifests[parent]["artifact_digest"] for parent in stage.parents}
 
 
+def normal_class_indices(spec: StackSpec, dataset: Dataset) -> list[int] | None:
+    """Return the label indices an anomaly stack treats as normal, or None for other stacks."""
+    if not spec.is_anomaly:
+        return None
+    indices = []
+    for name in spec.evaluation.normal_classes:
+        if name not in dataset.classes:
+            raise DataError(
+                f"evaluation.normal_classes: label '{name}' does not occur in the data; "
+                f"labels: {', '.join(dataset.classes)}"
+            )
+        indices.append(dataset.classes.index(name))
+    if len(indices) == len(dataset.classes):
+        raise DataError(
+            "evaluation.normal_classes: every label is listed as normal, so there is no anomaly "
+            "to detect; list only the labels of normal rows"
+        )
+    return sorted(indices)
+
+
+def normalized_stage(spec: StackSpec, stage: StageSpec, dataset: Dataset) -> dict[str, Any]:
+    """Return the normalized stage spec the fingerprint covers and the stage process trains."""
+    return stage.normalized(spec.defaults, train_classes=normal_class_indices(spec, dataset))
+
+
 def decide_stage(
     spec: StackSpec,
     stage: StageSpec,
@@ -48,7 +75,7 @@ def decide_stage(
 ) -> StageDecision:
     """Compute a stage's fingerprint from its parents' manifests and look up its artifact."""
     inputs = fingerprint_inputs(
-        stage.normalized(spec.defaults), parent_digests(stage, dataset, manifests), dataset.digest
+        normalized_stage(spec, stage, dataset), parent_digests(stage, dataset, manifests), dataset.digest
     )
     fingerprint = fingerprint_of(inputs)
     folder = store.stage_dir(stage.name, fingerprint)
@@ -124,14 +151,72 @@ def plan_stack(
     return decisions
 
 
-def assembly_fingerprint(spec: StackSpec, dataset: Dataset, manifests: dict[str, dict]) -> str:
-    """Return the assembled model's fingerprint: every stage's artifact digest and the evaluation."""
-    return digest_json(
-        {
-            "stages": {name: manifest["artifact_digest"] for name, manifest in sorted(manifests.items())},
-            "graph": {stage.name: stage.parents for stage in spec.stages},
-            "dataset": dataset.digest,
-            "evaluation": spec.evaluation.model_dump(mode="json"),
-            "code": fingerprint_inputs({}, {}, "")["code"],
-        }
+def assembly_job(
+    spec: StackSpec,
+    dataset: Dataset,
+    store: Store,
+    manifests: dict[str, dict],
+    output_shapes: dict[str, tuple[int, ...]],
+) -> AssemblyJob:
+    """Describe the assembly of the published stages; its fingerprint covers their digests."""
+    stages = []
+    for stage in spec.topological_order():
+        manifest = manifests[stage.name]
+        input_shape = (
+            stage_input_shape(stage, output_shapes, dataset.shape) if stage.parents else dataset.shape
+        )
+        stages.append({
+            "name": stage.name,
+            "parents": stage.parents,
+            "merge": stage.merge,
+            "objective": stage.objective,
+            "folder": str(store.stage_dir(stage.name, manifest["fingerprint"])),
+            "artifact_digest": manifest["artifact_digest"],
+            "metrics": {key: manifest["metrics"].get(key) for key in ("validation_accuracy", "validation_loss")},
+            "spec": normalized_stage(spec, stage, dataset),
+            "input_shape": list(input_shape),
+        })
+    fine_tune = None
+    if spec.fine_tune is not None:
+        chosen = spec.fine_tune.stages
+        names = [stage.name for stage in spec.stages] if chosen == "all" else list(chosen)
+        fine_tune = {**spec.fine_tune.model_dump(mode="json"), "stages": names}
+    baseline = None
+    if spec.baseline == "end_to_end":
+        baseline = _baseline_settings(spec, fine_tune)
+    content = {
+        "stack": spec.name,
+        "head": spec.head.name,
+        "split": spec.evaluation.split,
+        "seed": spec.head.training(spec.defaults)["seed"],
+        "task": spec.evaluation.task,
+        "normal_classes": normal_class_indices(spec, dataset),
+        "fine_tune": fine_tune,
+        "baseline": baseline,
+    }
+    fingerprint = digest_json({
+        **content,
+        "stages": [{key: value for key, value in stage.items() if key != "folder"} for stage in stages],
+        "dataset": dataset.digest,
+        "code": code_digest(),
+    })
+    return AssemblyJob(
+        fingerprint=fingerprint, stages=stages, dataset=dataset.to_dict(), store_root=str(store.root),
+        **content,
     )
+
+
+def _baseline_settings(spec: StackSpec, fine_tune: dict | None) -> dict[str, Any]:
+    """Train the baseline with the head's settings for as many epochs as all stages together."""
+    head = spec.head.training(spec.defaults)
+    epochs = sum(stage.training(spec.defaults)["epochs"] for stage in spec.stages)
+    if fine_tune:
+        epochs += fine_tune["epochs"]
+    return {
+        "kind": "end_to_end",
+        "optimizer": head["optimizer"],
+        "learning_rate": head["learning_rate"],
+        "batch_size": head["batch_size"],
+        "early_stopping": head["early_stopping"],
+        "epochs": epochs,
+    }

@@ -22,6 +22,7 @@ from prefect.locking.filesystem import FileSystemLockManager
 from prefect.transactions import IsolationLevel
 
 from tasks.dataset import Dataset, snapshot_dataset
+from tasks.evaluation import headline
 from tasks.spec import StackSpec
 from tasks.stage_process import run_job
 from tasks.store import Store
@@ -111,10 +112,12 @@ def stage_task(stage_name: str, fingerprint: str, job: dict[str, Any]) -> dict[s
     progress = _TrainingProgress(stage_name)
     manifest = run_job("train", job, f"stage '{stage_name}'", on_event=progress)
     progress.finish()
-    logger.info(
-        "stage %s: trained in %.1f s, validation accuracy %.4f",
-        stage_name, manifest["seconds"], manifest["metrics"]["validation_accuracy"],
-    )
+    metrics = manifest["metrics"]
+    if metrics.get("validation_accuracy") is not None:
+        quality = f"validation accuracy {metrics['validation_accuracy']:.4f}"
+    else:
+        quality = f"validation loss {metrics['validation_loss']:.4f}"
+    logger.info("stage %s: trained in %.1f s, %s", stage_name, manifest["seconds"], quality)
     return _summary(manifest, folder, "trained", started, begun)
 
 
@@ -130,11 +133,7 @@ def assemble_task(fingerprint: str, job: dict[str, Any]) -> dict[str, Any]:
     if manifest is None:
         manifest = run_job("assemble", job, f"assembly of stack '{job['stack']}'")
         status = "trained"
-    metrics = manifest["report"]["metrics"]
-    logger.info(
-        "stack %s: %s accuracy %.4f, macro F1 %.4f",
-        job["stack"], manifest["report"]["split"], metrics["accuracy"], metrics["macro_f1"],
-    )
+    logger.info("stack %s: %s", job["stack"], headline(manifest["report"]))
     return {
         "status": status,
         "fingerprint": fingerprint,

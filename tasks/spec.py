@@ -41,10 +41,11 @@ __all__ = [
     "parse_spec",
 ]
 
-BUILTIN_SOURCES = ("sklearn:digits",)
+BUILTIN_SOURCES = ("sklearn:digits", "sktime:BasicMotions")
 STAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 Optimizer = Literal["adam", "adamw", "sgd", "rmsprop"]
-Objective = Literal["supervised", "head"]
+Objective = Literal["supervised", "autoencoder", "head"]
+Merge = Literal["concat", "add", "average", "maximum", "multiply"]
 
 
 class SplitSpec(SpecModel):
@@ -126,6 +127,14 @@ class StageSpec(TrainingSettings):
     parents: list[str] = Field(default_factory=list)
     objective: Objective = "supervised"
     layers: list[Layer] = Field(default_factory=list)
+    # How the outputs of several parents are combined: "concat" flattens and joins
+    # them; the element-wise merges need parents with equal output shapes.
+    merge: Merge = "concat"
+    # Autoencoder stages: the decoder's hidden layers (an output layer that matches the
+    # input shape is added), and the stddev of Gaussian noise added to the input while
+    # training, which makes it a denoising autoencoder.
+    decoder: list[Layer] = Field(default_factory=list)
+    noise: NonNegativeFloat = 0.0
 
     @field_validator("name")
     @classmethod
@@ -151,21 +160,67 @@ class StageSpec(TrainingSettings):
             resolved[field] = value
         return resolved
 
-    def normalized(self, defaults: TrainingSettings) -> dict[str, Any]:
-        """Return the canonical form of this stage that its fingerprint covers."""
-        return {
+    def normalized(self, defaults: TrainingSettings, train_classes: list[int] | None = None) -> dict[str, Any]:
+        """Return the canonical form of this stage that its fingerprint covers.
+
+        `train_classes` limits training to rows of those label indices (an anomaly
+        stack trains its autoencoders on normal rows only).
+        """
+        normalized = {
             "name": self.name,
             "parents": list(self.parents),
             "objective": self.objective,
             "layers": [layer.model_dump(mode="json") for layer in self.layers],
+            "merge": self.merge,
             "training": self.training(defaults),
         }
+        if self.objective == "autoencoder":
+            normalized["decoder"] = [layer.model_dump(mode="json") for layer in self.decoder]
+            normalized["noise"] = self.noise
+            normalized["train_classes"] = train_classes
+        return normalized
+
+    def preprocessing_count(self) -> int:
+        """Return how many leading layers only rescale the input.
+
+        An autoencoder reconstructs its input as it leaves these layers, so that the
+        reconstruction target has a sane scale.
+        """
+        count = 0
+        for layer in self.layers:
+            if not layer.is_preprocessing:
+                break
+            count += 1
+        return count
 
 
 class EvaluationSpec(SpecModel):
-    """Which split the assembled model is evaluated on."""
+    """How the assembled model is evaluated, and on which split.
+
+    `classification` scores the head's predicted classes. `anomaly` scores each
+    example by the stack's reconstruction error: rows whose label is in
+    `normal_classes` are normal, all others anomalies; the threshold is chosen on
+    the validation split.
+    """
 
     split: Literal["test", "validation"] = "test"
+    task: Literal["classification", "anomaly"] = "classification"
+    normal_classes: list[str] | None = Field(default=None, min_length=1)
+
+
+class FineTuneSpec(SpecModel):
+    """End-to-end fine-tuning of the assembled model, after every stage is frozen.
+
+    The named stages (or all trained stages) are unfrozen and trained together at a
+    low learning rate; BatchNormalization layers stay in inference mode. The stage
+    artifacts are never changed: fine-tuning works on copies.
+    """
+
+    stages: list[str] | Literal["all"] = "all"
+    epochs: PositiveInt = 10
+    learning_rate: PositiveFloat = 1e-4
+    batch_size: PositiveInt = 64
+    optimizer: Optimizer = "adam"
 
 
 class StackSpec(SpecModel):
@@ -176,6 +231,10 @@ class StackSpec(SpecModel):
     defaults: TrainingSettings = TrainingSettings()
     stages: list[StageSpec] = Field(min_length=1)
     evaluation: EvaluationSpec = EvaluationSpec()
+    fine_tune: FineTuneSpec | None = None
+    # "end_to_end" also trains the same architecture from scratch, end to end, on the
+    # same splits with the same number of epochs in all, and reports it beside the stack.
+    baseline: Literal["end_to_end"] | None = None
     # Folder of the spec file; relative data paths are resolved against it.
     base_dir: Path = Field(default=Path("."), exclude=True)
 
@@ -184,7 +243,20 @@ class StackSpec(SpecModel):
 
     @property
     def head(self) -> StageSpec:
-        return next(stage for stage in self.stages if stage.objective == "head")
+        """Return the stage whose output the assembled model returns.
+
+        That is the stage with objective head, or in an anomaly stack the last stage
+        that no other stage consumes.
+        """
+        heads = [stage for stage in self.stages if stage.objective == "head"]
+        if heads:
+            return heads[0]
+        consumed = {parent for stage in self.stages for parent in stage.parents}
+        return next(stage for stage in reversed(self.stages) if stage.name not in consumed)
+
+    @property
+    def is_anomaly(self) -> bool:
+        return self.evaluation.task == "anomaly"
 
     def topological_order(self) -> list[StageSpec]:
         """Return the stages so that every stage comes after its parents."""
@@ -265,6 +337,8 @@ def _check_acyclic(spec: StackSpec, where: str) -> None:
 
 
 def _check_one_head(spec: StackSpec, where: str) -> None:
+    if spec.is_anomaly:
+        return
     heads = [stage.name for stage in spec.stages if stage.objective == "head"]
     if len(heads) != 1:
         found = ", ".join(heads) if heads else "none"
@@ -295,10 +369,67 @@ def _check_reaches_head(spec: StackSpec, where: str) -> None:
 
 def _check_layers(spec: StackSpec, where: str) -> None:
     for stage in spec.stages:
-        if stage.objective == "supervised" and not stage.layers:
+        if stage.objective in {"supervised", "autoencoder"} and not stage.layers:
             raise SpecError(
-                f"{where}: stage '{stage.name}' layers: a supervised stage needs at least one "
-                "layer, got none; add layers or remove the stage"
+                f"{where}: stage '{stage.name}' layers: a {stage.objective} stage needs at least "
+                "one layer, got none; add layers or remove the stage"
+            )
+        if stage.objective != "autoencoder" and (stage.decoder or stage.noise):
+            raise SpecError(
+                f"{where}: stage '{stage.name}': decoder and noise apply to autoencoder stages "
+                f"only, but the objective is '{stage.objective}'; set objective: autoencoder or "
+                "remove them"
+            )
+
+
+def _check_anomaly(spec: StackSpec, where: str) -> None:
+    if not spec.is_anomaly:
+        if spec.evaluation.normal_classes is not None:
+            raise SpecError(
+                f"{where}: evaluation.normal_classes applies to task: anomaly only; "
+                "set task: anomaly or remove normal_classes"
+            )
+        return
+    if spec.evaluation.normal_classes is None:
+        raise SpecError(
+            f"{where}: evaluation.normal_classes: required for task: anomaly; list the label "
+            "values of normal rows, such as ['0']"
+        )
+    for stage in spec.stages:
+        if stage.objective != "autoencoder":
+            raise SpecError(
+                f"{where}: stage '{stage.name}' objective: an anomaly stack scores examples by "
+                f"reconstruction error, so every stage must be an autoencoder, got "
+                f"'{stage.objective}'"
+            )
+        if len(stage.parents) > 1:
+            raise SpecError(
+                f"{where}: stage '{stage.name}' parents: an anomaly stack must be a chain, so a "
+                f"stage has at most one parent, got {stage.parents}"
+            )
+        if stage.parents and stage.preprocessing_count():
+            raise SpecError(
+                f"{where}: stage '{stage.name}' layers: only the first stage of an anomaly stack "
+                "may start with scaling layers (Rescaling, Normalization, LayerNormalization "
+                "without center and scale), because each decoder must output "
+                "what the stage below it produced; move the scaling to the first stage"
+            )
+    if spec.fine_tune is not None or spec.baseline is not None:
+        raise SpecError(
+            f"{where}: fine_tune and baseline apply to classification stacks; remove them "
+            "from this anomaly stack"
+        )
+
+
+def _check_fine_tune(spec: StackSpec, where: str) -> None:
+    if spec.fine_tune is None or spec.fine_tune.stages == "all":
+        return
+    names = [stage.name for stage in spec.stages]
+    for name in spec.fine_tune.stages:
+        if name not in names:
+            raise SpecError(
+                f"{where}: fine_tune.stages: unknown stage '{name}'.{suggest(name, names)} "
+                f"Known stages: {', '.join(names)}"
             )
 
 
@@ -309,6 +440,8 @@ GRAPH_RULES = (
     _check_one_head,
     _check_reaches_head,
     _check_layers,
+    _check_anomaly,
+    _check_fine_tune,
 )
 
 
@@ -381,16 +514,24 @@ def load_spec(path: str | Path) -> StackSpec:
 
 
 def stage_input_shape(
-    spec: StackSpec, stage: StageSpec, output_shapes: dict[str, tuple[int, ...]],
-    input_shape: tuple[int, ...],
+    stage: StageSpec, output_shapes: dict[str, tuple[int, ...]], input_shape: tuple[int, ...],
+    where: str = "spec",
 ) -> tuple[int, ...]:
-    """Return the shape a stage receives: the data's, one parent's, or its parents' concatenated."""
+    """Return the shape a stage receives: the data's, one parent's, or its parents' merged."""
     if not stage.parents:
         return input_shape
     shapes = [output_shapes[parent] for parent in stage.parents]
     if len(shapes) == 1:
         return shapes[0]
-    return (sum(_flat_size(shape) for shape in shapes),)
+    if stage.merge == "concat":
+        return (sum(_flat_size(shape) for shape in shapes),)
+    if len(set(shapes)) > 1:
+        listed = ", ".join(f"{parent} {list(shape)}" for parent, shape in zip(stage.parents, shapes))
+        raise SpecError(
+            f"{where}: stage '{stage.name}' merge: '{stage.merge}' needs parents with equal output "
+            f"shapes, got {listed}; use merge: concat or make the shapes equal"
+        )
+    return shapes[0]
 
 
 def _flat_size(shape: tuple[int, ...]) -> int:
@@ -409,7 +550,7 @@ def check_shapes(
     """
     output_shapes: dict[str, tuple[int, ...]] = {}
     for stage in spec.topological_order():
-        shape = stage_input_shape(spec, stage, output_shapes, input_shape)
+        shape = stage_input_shape(stage, output_shapes, input_shape, where)
         for index, layer in enumerate(stage.layers):
             try:
                 shape = layer.output_shape(shape)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from tasks.blocks import (
+    build_autoencoder,
     build_block,
     classifier,
     configure_determinism,
@@ -31,15 +32,30 @@ from tasks.fingerprint import digest_file, digest_json, library_versions
 from tasks.jobs import ParentRef, StageJob
 from tasks.store import Store
 
-__all__ = ["load_stage_inputs", "train_stage"]
+__all__ = ["load_stage_inputs", "merge_features", "train_stage", "weights_digest"]
 
 EventSink = Callable[[dict[str, Any]], None]
 
 
-def load_stage_inputs(parents: list[ParentRef], split: str) -> FeatureTable:
-    """Read a stage's input for one split: one parent's features, or several concatenated.
+MERGES = {
+    "add": lambda arrays: np.sum(arrays, axis=0, dtype=np.float32),
+    "average": lambda arrays: np.mean(arrays, axis=0, dtype=np.float32),
+    "maximum": lambda arrays: np.max(arrays, axis=0),
+    "multiply": lambda arrays: np.prod(arrays, axis=0, dtype=np.float32),
+}
 
-    Several parents are flattened per example and concatenated in the listed order;
+
+def merge_features(arrays: list[np.ndarray], merge: str) -> np.ndarray:
+    """Combine several parents' features per example, as the assembled model's merge layer does."""
+    if merge == "concat":
+        return np.concatenate([array.reshape(len(array), -1) for array in arrays], axis=1)
+    return MERGES[merge](np.stack(arrays)).astype(np.float32)
+
+
+def load_stage_inputs(parents: list[ParentRef], split: str, merge: str = "concat") -> FeatureTable:
+    """Read a stage's input for one split: one parent's features, or several merged.
+
+    Several parents are merged per example in the listed order (see `merge_features`);
     their row ids must agree.
     """
     tables = [read_feature_file(Path(ref.folder) / ref.feature_files[split]) for ref in parents]
@@ -51,7 +67,7 @@ def load_stage_inputs(parents: list[ParentRef], split: str) -> FeatureTable:
                 f"parent '{ref.name}' feature file for split '{split}' has rows in another order "
                 f"than parent '{parents[0].name}'; rebuild both with `stackwise run --retrain`"
             )
-    features = np.concatenate([table.features.reshape(len(table), -1) for table in tables], axis=1)
+    features = merge_features([table.features for table in tables], merge)
     return FeatureTable(features, tables[0].labels, tables[0].row_ids)
 
 
@@ -80,12 +96,20 @@ class _EpochReporter(keras.callbacks.Callback):
         self.emit({"event": "epoch", "epoch": epoch + 1, "epochs": self.epochs, "logs": values})
 
 
-def _fit(job: StageJob, model: keras.Model, inputs: dict[str, FeatureTable], emit: EventSink) -> dict:
+def _fit(
+    job: StageJob,
+    model: keras.Model,
+    data: dict[str, tuple[np.ndarray, np.ndarray]],
+    emit: EventSink,
+    loss: str = "sparse_categorical_crossentropy",
+) -> dict:
+    """Train `model` on data["train"] = (inputs, targets), validating on data["validation"]."""
     training = job.stage["training"]
+    classifying = loss == "sparse_categorical_crossentropy"
     model.compile(
         optimizer=make_optimizer(training["optimizer"], training["learning_rate"]),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+        loss=loss,
+        metrics=["accuracy"] if classifying else [],
     )
     callbacks: list[keras.callbacks.Callback] = [
         _EpochReporter(job.stage["name"], training["epochs"], training["learning_rate"], emit)
@@ -93,24 +117,21 @@ def _fit(job: StageJob, model: keras.Model, inputs: dict[str, FeatureTable], emi
     if training["early_stopping"]:
         callbacks.append(keras.callbacks.EarlyStopping(**training["early_stopping"]))
     history = model.fit(
-        inputs["train"].features,
-        inputs["train"].labels,
-        validation_data=(inputs["validation"].features, inputs["validation"].labels),
+        *data["train"],
+        validation_data=data["validation"],
         epochs=training["epochs"],
         batch_size=training["batch_size"],
         shuffle=True,
         callbacks=callbacks,
         verbose=0,
     )
-    loss, accuracy = model.evaluate(
-        inputs["validation"].features, inputs["validation"].labels, verbose=0,
-        batch_size=training["batch_size"],
-    )
+    evaluated = model.evaluate(*data["validation"], verbose=0, batch_size=training["batch_size"],
+                               return_dict=True)
     return {
         "history": {key: [float(v) for v in values] for key, values in history.history.items()},
         "epochs_run": len(history.history.get("loss", [])),
-        "validation_loss": float(loss),
-        "validation_accuracy": float(accuracy),
+        "validation_loss": float(evaluated["loss"]),
+        "validation_accuracy": float(evaluated["accuracy"]) if classifying else None,
     }
 
 
@@ -136,44 +157,95 @@ def _extract_features(
     return written
 
 
-def _weights_digest(model_dir: Path) -> str:
+def weights_digest(folder: Path, saved_models: list[str]) -> str:
     # The checkpoint files under variables/ hold exactly the weights, in a byte
     # layout that is the same for the same values, unlike saved_model.pb.
-    files = sorted((model_dir / "variables").iterdir())
+    digests = {}
+    for name in saved_models:
+        variables = folder / name / "variables"
+        files = sorted(variables.iterdir()) if variables.is_dir() else []
+        digests[name] = {path.name: digest_file(path) for path in files}
+    return digest_json(digests)
 
-    return digest_json({path.name: digest_file(path) for path in files})
+
+def _train_classifier(job: StageJob, inputs: dict[str, FeatureTable], emit: EventSink):
+    """Train a supervised or head stage; return the model to freeze, extra models, metrics.
+
+    A supervised stage trains its block under a temporary softmax head that is
+    dropped before export. A head stage keeps its softmax layer: its outputs are
+    the class probabilities.
+    """
+    stage = job.stage
+    block = build_block(stage["name"], inputs["train"].features.shape[1:], stage["layers"],
+                        train_inputs=inputs["train"].features)
+    trained = classifier(block, len(job.dataset["classes"]), name=f"{stage['name']}_classifier")
+    data = {split: (inputs[split].features, inputs[split].labels) for split in ("train", "validation")}
+    metrics = _fit(job, trained, data, emit)
+    return (trained if stage["objective"] == "head" else block), {}, metrics
+
+
+def _train_autoencoder(job: StageJob, inputs: dict[str, FeatureTable], emit: EventSink):
+    """Train an autoencoder stage; return the encoder to freeze, its decoder and target model, metrics.
+
+    The reconstruction target is the stage's input after its leading Rescaling or
+    Normalization layers. With `noise` > 0, Gaussian noise is added to that input
+    while training only (a denoising autoencoder).
+    """
+    stage = job.stage
+    kept = {split: _rows_of_classes(inputs[split], stage.get("train_classes")) for split in inputs}
+    parts = build_autoencoder(
+        stage["name"], inputs["train"].features.shape[1:], stage["layers"], stage["decoder"],
+        stage["noise"], train_inputs=kept["train"].features,
+    )
+    targets = {split: parts.target.predict(kept[split].features, batch_size=1024, verbose=0)
+               for split in ("train", "validation")}
+    data = {split: (kept[split].features, targets[split]) for split in ("train", "validation")}
+    metrics = _fit(job, parts.autoencoder, data, emit, loss="mean_squared_error")
+    metrics["trained_rows"] = int(len(kept["train"]))
+    return parts.encoder, {"decoder": parts.decoder, "target": parts.target}, metrics
+
+
+def _rows_of_classes(table: FeatureTable, classes: list[int] | None) -> FeatureTable:
+    if classes is None:
+        return table
+    keep = np.isin(table.labels, classes)
+    return FeatureTable(table.features[keep], table.labels[keep], table.row_ids[keep])
+
+
+TRAINERS = {
+    "supervised": _train_classifier,
+    "head": _train_classifier,
+    "autoencoder": _train_autoencoder,
+}
 
 
 def train_stage(job: StageJob, emit: EventSink = lambda event: None) -> dict[str, Any]:
     """Train one stage and publish its artifact; return the artifact's manifest.
 
-    A supervised stage trains its block under a temporary softmax head that is
-    dropped before export. A head stage keeps its softmax layer: its outputs are
-    the class probabilities. The exported SavedModel is loaded back from disk to
-    write the stage's feature files, so children read exactly what the frozen
-    stage computes.
+    The trunk is exported as the SavedModel `model/` (and saved as `model.keras` for
+    fine-tuning). The exported SavedModel is loaded back from disk to write the
+    stage's feature files, so children read exactly what the frozen stage computes.
     """
     started = time.time()
     store = Store(job.store_root)
     stage = job.stage
     configure_determinism(stage["training"]["seed"])
-    inputs = {split: load_stage_inputs(job.parents, split) for split in SPLITS}
-    n_classes = len(job.dataset["classes"])
+    inputs = {split: load_stage_inputs(job.parents, split, stage["merge"]) for split in SPLITS}
 
-    block = build_block(stage["name"], inputs["train"].features.shape[1:], stage["layers"],
-                        train_inputs=inputs["train"].features)
-    trained = classifier(block, n_classes, name=f"{stage['name']}_classifier")
     emit({"event": "start", "stage": stage["name"], "epochs": stage["training"]["epochs"]})
-    metrics = _fit(job, trained, inputs, emit)
-    frozen = trained if stage["objective"] == "head" else block
-    frozen.trainable = False
+    frozen, extra_models, metrics = TRAINERS[stage["objective"]](job, inputs, emit)
+    for model in (frozen, *extra_models.values()):
+        model.trainable = False
 
     target = store.stage_dir(stage["name"], job.fingerprint)
     with store.staging(f"stage-{stage['name']}") as staged:
         frozen.export(str(staged / "model"), format="tf_saved_model", verbose=False)
+        frozen.save(staged / "model.keras")
+        for name, model in extra_models.items():
+            model.export(str(staged / name), format="tf_saved_model", verbose=False)
         features = _extract_features(staged / "model", job, inputs, staged / "features")
 
-        weights_digest = _weights_digest(staged / "model")
+        weights = weights_digest(staged, ["model", *extra_models])
         feature_digests = {split: digest_file(staged / entry["file"]) for split, entry in features.items()}
         manifest = {
             "kind": "stage",
@@ -183,8 +255,9 @@ def train_stage(job: StageJob, emit: EventSink = lambda event: None) -> dict[str
             "fingerprint": job.fingerprint,
             "fingerprint_inputs": job.fingerprint_inputs,
             "parents": [parent.name for parent in job.parents],
-            "weights_digest": weights_digest,
-            "artifact_digest": digest_json({"weights": weights_digest, "features": feature_digests}),
+            "weights_digest": weights,
+            "artifact_digest": digest_json({"weights": weights, "features": feature_digests}),
+            "saved_models": ["model", *extra_models],
             "feature_files": {split: entry["file"] for split, entry in features.items()},
             "feature_shape": features["train"]["shape"],
             "rows": {split: entry["rows"] for split, entry in features.items()},

@@ -45,11 +45,11 @@ def write_spec(folder: Path, spec: dict, name: str = "stack.yaml") -> Path:
 
 
 def run_cli(*arguments: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the installed `stackwise` command in a new process."""
+    """Run the `stackwise` command in a new process, with its own Prefect home under `cwd`."""
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *arguments],
         cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(PROJECT)},
+        env={**os.environ, "PYTHONPATH": str(PROJECT), "PREFECT_HOME": str(cwd / ".prefect")},
     )
 
 

@@ -130,11 +130,11 @@ def test_lower_stage_weights_unchanged(trained):
         assert store.verify(artifact, full=True).ok
     # hidden_1 was exported before hidden_2 and the head trained; its variables still hash
     # to the digest recorded at export time.
-    from tasks.training import _weights_digest
+    from tasks.training import weights_digest
 
     hidden_1 = Path(summary["stages"][0]["model_dir"])
     manifest = json.loads((hidden_1.parent / "manifest.json").read_text())
-    assert _weights_digest(hidden_1) == manifest["weights_digest"]
+    assert weights_digest(hidden_1.parent, ["model"]) == manifest["weights_digest"]
 
 
 RELOAD_SCRIPT = """
