@@ -4,8 +4,8 @@ The assembled model takes examples exactly as the dataset snapshot stores them. 
 classification stack returns class probabilities; an anomaly stack returns each
 example's reconstruction error. Before anything is published, the assembled
 model's outputs on the evaluation split are compared with the stage-by-stage
-path (the stages' feature files); a difference above `MAX_DIFFERENCE` fails the
-run. Optional end-to-end fine-tuning and an end-to-end baseline are evaluated on
+path, which reads the stages' feature files. A difference above `MAX_DIFFERENCE`
+fails the run. Optional end-to-end fine-tuning and an end-to-end baseline are evaluated on
 the same split and reported beside the stage-wise result.
 """
 

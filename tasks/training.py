@@ -192,16 +192,16 @@ def _train_autoencoder(job: StageJob, inputs: dict[str, FeatureTable], emit: Eve
     while training only (a denoising autoencoder).
     """
     stage = job.stage
-    kept = {split: _rows_of_classes(inputs[split], stage.get("train_classes")) for split in inputs}
+    selected = {split: _rows_of_classes(inputs[split], stage.get("train_classes")) for split in inputs}
     parts = build_autoencoder(
         stage["name"], inputs["train"].features.shape[1:], stage["layers"], stage["decoder"],
-        stage["noise"], train_inputs=kept["train"].features,
+        stage["noise"], train_inputs=selected["train"].features,
     )
-    targets = {split: parts.target.predict(kept[split].features, batch_size=1024, verbose=0)
+    targets = {split: parts.target.predict(selected[split].features, batch_size=1024, verbose=0)
                for split in ("train", "validation")}
-    data = {split: (kept[split].features, targets[split]) for split in ("train", "validation")}
+    data = {split: (selected[split].features, targets[split]) for split in ("train", "validation")}
     metrics = _fit(job, parts.autoencoder, data, emit, loss="mean_squared_error")
-    metrics["trained_rows"] = int(len(kept["train"]))
+    metrics["trained_rows"] = int(len(selected["train"]))
     return parts.encoder, {"decoder": parts.decoder, "target": parts.target}, metrics
 
 
