@@ -23,8 +23,16 @@ from pydantic import (
     SerializeAsAny,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
+from tasks.bases import (
+    Adapter,
+    BaseSpec,
+    check_pretrained_stages,
+    pretrained_normalized,
+    pretrained_output_shape,
+)
 from tasks.errors import SpecError
 from tasks.layers import LayerSpec, ShapeMismatch, SpecModel, parse_layer, suggest
 
@@ -44,7 +52,7 @@ __all__ = [
 BUILTIN_SOURCES = ("sklearn:digits",)
 STAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 Optimizer = Literal["adam", "adamw", "sgd", "rmsprop"]
-Objective = Literal["supervised", "head"]
+Objective = Literal["supervised", "head", "pretrained"]
 
 
 class SplitSpec(SpecModel):
@@ -126,6 +134,9 @@ class StageSpec(TrainingSettings):
     parents: list[str] = Field(default_factory=list)
     objective: Objective = "supervised"
     layers: list[Layer] = Field(default_factory=list)
+    # A pretrained stage's frozen base and the adapters in front of it (see tasks.bases).
+    base: BaseSpec | None = None
+    adapters: list[Adapter] = Field(default_factory=list)
 
     @field_validator("name")
     @classmethod
@@ -153,13 +164,16 @@ class StageSpec(TrainingSettings):
 
     def normalized(self, defaults: TrainingSettings) -> dict[str, Any]:
         """Return the canonical form of this stage that its fingerprint covers."""
-        return {
+        normalized = {
             "name": self.name,
             "parents": list(self.parents),
             "objective": self.objective,
             "layers": [layer.model_dump(mode="json") for layer in self.layers],
             "training": self.training(defaults),
         }
+        if self.objective == "pretrained":
+            normalized.update(pretrained_normalized(self))
+        return normalized
 
 
 class EvaluationSpec(SpecModel):
@@ -178,6 +192,14 @@ class StackSpec(SpecModel):
     evaluation: EvaluationSpec = EvaluationSpec()
     # Folder of the spec file; relative data paths are resolved against it.
     base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _bind_base_paths(self) -> StackSpec:
+        # Base files are relative to the spec file's folder, like data files.
+        for stage in self.stages:
+            if stage.base is not None:
+                stage.base.bind(self.base_dir)
+        return self
 
     def stage(self, name: str) -> StageSpec:
         return next(stage for stage in self.stages if stage.name == name)
@@ -309,6 +331,7 @@ GRAPH_RULES = (
     _check_one_head,
     _check_reaches_head,
     _check_layers,
+    check_pretrained_stages,
 )
 
 
@@ -410,6 +433,8 @@ def check_shapes(
     output_shapes: dict[str, tuple[int, ...]] = {}
     for stage in spec.topological_order():
         shape = stage_input_shape(spec, stage, output_shapes, input_shape)
+        if stage.objective == "pretrained":
+            shape = pretrained_output_shape(stage, shape, where)
         for index, layer in enumerate(stage.layers):
             try:
                 shape = layer.output_shape(shape)
