@@ -14,6 +14,7 @@ from prefect import flow  # noqa: E402
 from prefect.context import FlowRunContext  # noqa: E402
 from prefect.futures import PrefectFuture, as_completed  # noqa: E402
 
+from tasks.bases import pretrained_job_extra  # noqa: E402
 from tasks.dataset import Dataset  # noqa: E402
 from tasks.errors import SpecError, StageFailed  # noqa: E402
 from tasks.plan import assembly_job, decide_stage  # noqa: E402
@@ -74,6 +75,7 @@ def _submit_stage(spec, stage, dataset: Dataset, store: Store, manifests, force:
         dataset=dataset.to_dict(),
         store_root=str(store.root),
         force=force,
+        extra=pretrained_job_extra(stage),
     )
     options = task_options(store, refresh=decision.action == "train")
     return stage_task.with_options(task_run_name=stage.name, **options).submit(

@@ -167,6 +167,9 @@ def train_baseline(job: AssemblyJob, emit) -> dict[str, Any]:
 
     def fresh_block(stage):
         spec = stage["spec"]
+        if spec["objective"] == "pretrained":
+            # A pretrained base is never trained, in the baseline either.
+            return load_frozen_stage(Path(stage["folder"]) / "model", stage["name"])
         # Normalization layers adapt to the raw training data reaching them before training.
         block = build_block(stage["name"], tuple(stage["input_shape"]), spec["layers"], train.features
                             if not stage["parents"] else None)

@@ -21,7 +21,10 @@ __all__ = [
 
 # Modules whose code shapes what a stage trains or writes. Editing one of them changes
 # every fingerprint, so artifacts built by older code are never reused.
-TRAINING_CODE = ("blocks.py", "training.py", "features.py", "assembly.py", "dataset.py", "evaluation.py")
+TRAINING_CODE = (
+    "blocks.py", "training.py", "features.py", "assembly.py", "dataset.py", "evaluation.py",
+    "pretrained.py",
+)
 LIBRARIES = ("tensorflow-cpu", "tensorflow", "keras", "numpy", "pyarrow", "scikit-learn")
 CHUNK_BYTES = 1 << 20
 

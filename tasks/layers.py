@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
-__all__ = ["ACTIVATIONS", "LAYER_TYPES", "LayerSpec", "ShapeMismatch", "parse_layer"]
+__all__ = ["ACTIVATIONS", "LAYER_TYPES", "LayerSpec", "ShapeMismatch", "argument_error", "parse_entry", "parse_layer"]
 
 Shape = tuple[int, ...]
 
@@ -276,26 +276,40 @@ LAYER_TYPES: dict[str, type[LayerSpec]] = {
 
 def parse_layer(raw: Any) -> LayerSpec:
     """Validate one raw layer entry into the LayerSpec subclass its `layer` key names."""
-    if isinstance(raw, LayerSpec):
+    return parse_entry(raw, "layer", LAYER_TYPES, "{layer: Dense, units: 64}", "its Keras class")
+
+
+def parse_entry(raw: Any, key: str, types: dict[str, type[SpecModel]], example: str, names: str) -> Any:
+    """Validate a raw layer or adapter entry into the class of `types` that its `key` names.
+
+    `example` is a valid entry and `names` describes what the key's value names; both appear
+    in the error messages.
+    """
+    if isinstance(raw, SpecModel):
         return raw
+    article = "an" if key[0] in "aeiou" else "a"
     if not isinstance(raw, dict):
-        raise ValueError(
-            f"a layer must be a mapping such as {{layer: Dense, units: 64}}, got {raw!r}"
-        )
-    name = raw.get("layer")
+        raise ValueError(f"{article} {key} must be a mapping such as {example}, got {raw!r}")
+    name = raw.get(key)
     if name is None:
-        raise ValueError("a layer needs a 'layer' key naming its Keras class, such as 'Dense'")
-    if name not in LAYER_TYPES:
+        first = next(iter(types))
+        raise ValueError(f"{article} {key} needs a '{key}' key naming {names}, such as '{first}'")
+    if name not in types:
         raise ValueError(
-            f"unknown layer '{name}'.{suggest(str(name), tuple(LAYER_TYPES))} "
-            f"Supported layers: {', '.join(LAYER_TYPES)}"
+            f"unknown {key} '{name}'.{suggest(str(name), tuple(types))} "
+            f"Supported {key}s: {', '.join(types)}"
         )
     try:
-        return LAYER_TYPES[name].model_validate(raw)
+        return types[name].model_validate(raw)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        field = ".".join(str(part) for part in error["loc"])
-        message = error["msg"].removeprefix("Value error, ")
-        received = f"; received {error['input']!r}" if field else ""
-        where = f"{name} argument '{field}': " if field else f"{name}: "
-        raise ValueError(f"{where}{message}{received}. Fix this argument in the spec") from None
+        raise ValueError(argument_error(name, exc)) from None
+
+
+def argument_error(name: str, exc: ValidationError) -> str:
+    """Return the one-line message for the first invalid argument of the layer or adapter `name`."""
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    received = f"; received {error['input']!r}" if field else ""
+    where = f"{name} argument '{field}': " if field else f"{name}: "
+    return f"{where}{message}{received}. Fix this argument in the spec"

@@ -23,8 +23,16 @@ from pydantic import (
     SerializeAsAny,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
+from tasks.bases import (
+    Adapter,
+    BaseSpec,
+    check_pretrained_stages,
+    pretrained_normalized,
+    pretrained_output_shape,
+)
 from tasks.errors import SpecError
 from tasks.layers import LayerSpec, ShapeMismatch, SpecModel, parse_layer, suggest
 
@@ -44,7 +52,7 @@ __all__ = [
 BUILTIN_SOURCES = ("sklearn:digits", "sktime:BasicMotions")
 STAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 Optimizer = Literal["adam", "adamw", "sgd", "rmsprop"]
-Objective = Literal["supervised", "autoencoder", "head"]
+Objective = Literal["supervised", "autoencoder", "head", "pretrained"]
 Merge = Literal["concat", "add", "average", "maximum", "multiply"]
 
 
@@ -135,6 +143,9 @@ class StageSpec(TrainingSettings):
     # training, which makes it a denoising autoencoder.
     decoder: list[Layer] = Field(default_factory=list)
     noise: NonNegativeFloat = 0.0
+    # A pretrained stage's frozen base and the adapters in front of it (see tasks.bases).
+    base: BaseSpec | None = None
+    adapters: list[Adapter] = Field(default_factory=list)
 
     @field_validator("name")
     @classmethod
@@ -178,6 +189,8 @@ class StageSpec(TrainingSettings):
             normalized["decoder"] = [layer.model_dump(mode="json") for layer in self.decoder]
             normalized["noise"] = self.noise
             normalized["train_classes"] = train_classes
+        if self.objective == "pretrained":
+            normalized.update(pretrained_normalized(self))
         return normalized
 
     def preprocessing_count(self) -> int:
@@ -237,6 +250,14 @@ class StackSpec(SpecModel):
     baseline: Literal["end_to_end"] | None = None
     # Folder of the spec file; relative data paths are resolved against it.
     base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _bind_base_paths(self) -> StackSpec:
+        # Base files are relative to the spec file's folder, like data files.
+        for stage in self.stages:
+            if stage.base is not None:
+                stage.base.bind(self.base_dir)
+        return self
 
     def stage(self, name: str) -> StageSpec:
         return next(stage for stage in self.stages if stage.name == name)
@@ -442,6 +463,7 @@ GRAPH_RULES = (
     _check_layers,
     _check_anomaly,
     _check_fine_tune,
+    check_pretrained_stages,
 )
 
 
@@ -551,6 +573,8 @@ def check_shapes(
     output_shapes: dict[str, tuple[int, ...]] = {}
     for stage in spec.topological_order():
         shape = stage_input_shape(stage, output_shapes, input_shape, where)
+        if stage.objective == "pretrained":
+            shape = pretrained_output_shape(stage, shape, where)
         for index, layer in enumerate(stage.layers):
             try:
                 shape = layer.output_shape(shape)

@@ -32,7 +32,7 @@ from tasks.fingerprint import digest_file, digest_json, library_versions
 from tasks.jobs import ParentRef, StageJob
 from tasks.store import Store
 
-__all__ = ["load_stage_inputs", "merge_features", "train_stage", "weights_digest"]
+__all__ = ["load_stage_inputs", "merge_features", "stage_manifest", "train_stage", "weights_digest"]
 
 EventSink = Callable[[dict[str, Any]], None]
 
@@ -226,6 +226,10 @@ def train_stage(job: StageJob, emit: EventSink = lambda event: None) -> dict[str
     fine-tuning). The exported SavedModel is loaded back from disk to write the
     stage's feature files, so children read exactly what the frozen stage computes.
     """
+    if job.stage["objective"] == "pretrained":
+        from tasks.pretrained import build_pretrained_stage
+
+        return build_pretrained_stage(job, emit)
     started = time.time()
     store = Store(job.store_root)
     stage = job.stage
@@ -244,27 +248,38 @@ def train_stage(job: StageJob, emit: EventSink = lambda event: None) -> dict[str
         for name, model in extra_models.items():
             model.export(str(staged / name), format="tf_saved_model", verbose=False)
         features = _extract_features(staged / "model", job, inputs, staged / "features")
-
-        weights = weights_digest(staged, ["model", *extra_models])
-        feature_digests = {split: digest_file(staged / entry["file"]) for split, entry in features.items()}
-        manifest = {
-            "kind": "stage",
-            "stack": job.stack,
-            "stage": stage["name"],
-            "objective": stage["objective"],
-            "fingerprint": job.fingerprint,
-            "fingerprint_inputs": job.fingerprint_inputs,
-            "parents": [parent.name for parent in job.parents],
-            "weights_digest": weights,
-            "artifact_digest": digest_json({"weights": weights, "features": feature_digests}),
-            "saved_models": ["model", *extra_models],
-            "feature_files": {split: entry["file"] for split, entry in features.items()},
-            "feature_shape": features["train"]["shape"],
-            "rows": {split: entry["rows"] for split, entry in features.items()},
-            "dtype": "float32",
-            "metrics": metrics,
-            "seconds": round(time.time() - started, 3),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "libraries": library_versions(),
-        }
+        manifest = stage_manifest(job, staged, features, metrics, started, ["model", *extra_models])
         return store.publish(staged, target, manifest)
+
+
+def stage_manifest(
+    job: StageJob,
+    staged: Path,
+    features: dict[str, dict[str, Any]],
+    metrics: dict,
+    started: float,
+    saved_models: list[str] = ("model",),
+) -> dict[str, Any]:
+    """Return the manifest of a stage artifact staged in `staged`, with its digests."""
+    weights = weights_digest(staged, list(saved_models))
+    feature_digests = {split: digest_file(staged / entry["file"]) for split, entry in features.items()}
+    return {
+        "kind": "stage",
+        "stack": job.stack,
+        "stage": job.stage["name"],
+        "objective": job.stage["objective"],
+        "fingerprint": job.fingerprint,
+        "fingerprint_inputs": job.fingerprint_inputs,
+        "parents": [parent.name for parent in job.parents],
+        "weights_digest": weights,
+        "artifact_digest": digest_json({"weights": weights, "features": feature_digests}),
+        "saved_models": list(saved_models),
+        "feature_files": {split: entry["file"] for split, entry in features.items()},
+        "feature_shape": features["train"]["shape"],
+        "rows": {split: entry["rows"] for split, entry in features.items()},
+        "dtype": "float32",
+        "metrics": metrics,
+        "seconds": round(time.time() - started, 3),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "libraries": library_versions(),
+    }
