@@ -194,4 +194,4 @@ def train_stage(job: StageJob, emit: EventSink = lambda event: None) -> dict[str
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "libraries": library_versions(),
         }
-        return store.publish(staged, target, manifest)
+        return store.publish(staged, target, manifest, replace=job.force)
