@@ -9,11 +9,11 @@ import logging
 import sys
 from pathlib import Path
 
-from flows.environment import apply_prefect_defaults
+from flows.environment import apply_prefect_defaults, default_data_dir
 
 apply_prefect_defaults()
 
-from tasks.errors import StackwiseError  # noqa: E402
+from tasks.errors import DataError, StackwiseError  # noqa: E402
 
 __all__ = ["main"]
 
@@ -45,24 +45,44 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _data_dir(argument: str | None) -> str:
-    from flows.stack_flow import DEFAULT_DATA_DIR
-
-    return argument or DEFAULT_DATA_DIR
+    return argument or default_data_dir()
 
 
 def _preflight(spec_path: str, retrain: list[str], data_dir: str):
     """Validate the spec and the data before Prefect starts; return the spec, store and dataset."""
-    from flows.stack_flow import check_retrain_names
     from tasks.dataset import snapshot_dataset
-    from tasks.spec import check_shapes, load_spec
+    from tasks.spec import check_retrain_names, check_shapes, load_spec
+    from tasks.stage_process import memory_limit_mb
     from tasks.store import Store
 
+    memory_limit_mb()
     spec = load_spec(spec_path)
     check_retrain_names(spec, retrain)
     store = Store(data_dir)
-    dataset = snapshot_dataset(spec, store)
+    try:
+        dataset = snapshot_dataset(spec, store)
+    except DataError as exc:
+        raise DataError(f"{spec_path}: {exc}") from None
     check_shapes(spec, dataset.shape, dataset.n_classes, where=spec_path)
     return spec, store, dataset
+
+
+class _OneLineErrors(logging.Filter):
+    """Drop the traceback from log records of errors that stackwise reports in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], StackwiseError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _hide_expected_tracebacks() -> None:
+    """Attach `_OneLineErrors` to every logging handler, Prefect's included."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for handler in {handler for logger in loggers for handler in getattr(logger, "handlers", [])}:
+        if not any(isinstance(existing, _OneLineErrors) for existing in handler.filters):
+            handler.addFilter(_OneLineErrors())
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -70,6 +90,10 @@ def _run(args: argparse.Namespace) -> int:
     _preflight(args.spec, args.retrain, data_dir)
 
     from flows.stack_flow import stack_flow
+
+    # Prefect logs a failed task's exception with its traceback. stackwise's own errors
+    # state what failed and what to do in the one line printed at the end.
+    _hide_expected_tracebacks()
 
     # Prefect and TensorFlow may print to stdout; keep it for the JSON summary alone.
     with contextlib.redirect_stdout(sys.stderr):

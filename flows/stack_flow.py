@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from flows.environment import apply_prefect_defaults
+from flows.environment import apply_prefect_defaults, default_data_dir
 
 apply_prefect_defaults()
 
@@ -15,16 +14,16 @@ from prefect.context import FlowRunContext  # noqa: E402
 from prefect.futures import PrefectFuture, as_completed  # noqa: E402
 
 from tasks.dataset import Dataset  # noqa: E402
-from tasks.errors import SpecError, StageFailed  # noqa: E402
+from tasks.errors import StageFailed  # noqa: E402
 from tasks.plan import assembly_fingerprint, decide_stage  # noqa: E402
 from tasks.prefect_tasks import assemble_task, snapshot_task, stage_task, task_options  # noqa: E402
-from tasks.spec import StackSpec, check_shapes, load_spec  # noqa: E402
+from tasks.spec import StackSpec, check_retrain_names, check_shapes, load_spec  # noqa: E402
 from tasks.store import Store  # noqa: E402
 from tasks.jobs import ParentRef, StageJob, dataset_parent  # noqa: E402
 
 __all__ = ["stack_flow", "DEFAULT_DATA_DIR"]
 
-DEFAULT_DATA_DIR = os.environ.get("STACKWISE_DATA_DIR", "data")
+DEFAULT_DATA_DIR = default_data_dir()
 
 
 @flow(name="stackwise", log_prints=False)
@@ -46,13 +45,6 @@ def stack_flow(spec_path: str, retrain: list[str] | None = None, data_dir: str =
     assembly = assemble(spec, dataset, store, stages)
 
     return run_summary(spec, stages, assembly)
-
-
-def check_retrain_names(spec: StackSpec, retrain: list[str]) -> None:
-    names = [stage.name for stage in spec.stages]
-    for name in retrain:
-        if name not in names:
-            raise SpecError(f"--retrain: unknown stage '{name}'; stages of '{spec.name}': {', '.join(names)}")
 
 
 def _submit_stage(spec, stage, dataset: Dataset, store: Store, manifests, force: bool) -> PrefectFuture:
