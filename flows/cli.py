@@ -41,6 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--retrain", nargs="+", default=[], metavar="STAGE",
                       help="plan as if these stages were forced to train")
     plan.add_argument("--data-dir", default=None, help="artifact store folder (default: ./data)")
+
+    gc = commands.add_parser(
+        "gc", help="remove artifacts that none of the given specs references (a dry run unless --delete)"
+    )
+    gc.add_argument("specs", nargs="+", metavar="SPEC", help="stack spec YAML files whose artifacts to keep")
+    gc.add_argument("--delete", action="store_true", help="remove the listed entries instead of only listing them")
+    gc.add_argument("--data-dir", default=None, help="artifact store folder (default: ./data)")
     return parser
 
 
@@ -139,6 +146,34 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gc(args: argparse.Namespace) -> int:
+    from tasks.gc import collect, references, remove
+    from tasks.spec import load_spec
+    from tasks.store import Store
+
+    store = Store(_data_dir(args.data_dir))
+    specs = [load_spec(path) for path in args.specs]
+    collection = collect(store, references(specs, store))
+    if args.delete:
+        collection = remove(store, collection)
+    verb = "removed" if args.delete else "remove"
+    for entry in collection.remove:
+        print(f"{verb:<8} {entry.kind:<9} {_megabytes(entry.size):>10}  {entry.path}")
+    for entry in collection.keep:
+        if entry.reason != "referenced":
+            print(f"{'kept':<8} {entry.kind:<9} {_megabytes(entry.size):>10}  {entry.path} ({entry.reason})")
+    total = f"total: {len(collection.remove)} entries, {_megabytes(collection.bytes_removed)}"
+    if args.delete:
+        print(f"{total} removed from {store.root}")
+    else:
+        print(f"{total} to remove from {store.root}; run again with --delete to remove them")
+    return 0
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -147,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "gc":
+            return _gc(args)
         return _plan(args)
     except StackwiseError as exc:
         print(f"stackwise: error: {exc}", file=sys.stderr)
