@@ -9,11 +9,11 @@ import logging
 import sys
 from pathlib import Path
 
-from flows.environment import apply_prefect_defaults
+from flows.environment import apply_prefect_defaults, default_data_dir
 
 apply_prefect_defaults()
 
-from tasks.errors import StackwiseError  # noqa: E402
+from tasks.errors import DataError, StackwiseError  # noqa: E402
 
 __all__ = ["main"]
 
@@ -41,45 +41,57 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--retrain", nargs="+", default=[], metavar="STAGE",
                       help="plan as if these stages were forced to train")
     plan.add_argument("--data-dir", default=None, help="artifact store folder (default: ./data)")
+
+    gc = commands.add_parser(
+        "gc", help="remove artifacts that none of the given specs references (a dry run unless --delete)"
+    )
+    gc.add_argument("specs", nargs="+", metavar="SPEC", help="stack spec YAML files whose artifacts to keep")
+    gc.add_argument("--delete", action="store_true", help="remove the listed entries instead of only listing them")
+    gc.add_argument("--data-dir", default=None, help="artifact store folder (default: ./data)")
     return parser
 
 
 def _data_dir(argument: str | None) -> str:
-    from flows.stack_flow import DEFAULT_DATA_DIR
-
-    return argument or DEFAULT_DATA_DIR
+    return argument or default_data_dir()
 
 
 def _preflight(spec_path: str, retrain: list[str], data_dir: str):
     """Validate the spec and the data before Prefect starts; return the spec, store and dataset."""
-    from flows.stack_flow import check_retrain_names
     from tasks.dataset import snapshot_dataset
     from tasks.plan import normal_class_indices
-    from tasks.spec import check_shapes, load_spec
+    from tasks.spec import check_retrain_names, check_shapes, load_spec
+    from tasks.stage_process import memory_limit_mb
     from tasks.store import Store
 
+    memory_limit_mb()
     spec = load_spec(spec_path)
     check_retrain_names(spec, retrain)
     store = Store(data_dir)
-    dataset = snapshot_dataset(spec, store)
+    try:
+        dataset = snapshot_dataset(spec, store)
+    except DataError as exc:
+        raise DataError(f"{spec_path}: {exc}") from None
     check_shapes(spec, dataset.shape, dataset.n_classes, where=spec_path)
     normal_class_indices(spec, dataset)
     return spec, store, dataset
 
 
-class _HideExpectedTracebacks(logging.Filter):
-    """Drop the traceback from log records about errors stackwise explains in one line."""
+class _OneLineErrors(logging.Filter):
+    """Drop the traceback from log records of errors that stackwise reports in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], StackwiseError):
-            record.exc_info, record.exc_text = None, None
+            record.exc_info = None
+            record.exc_text = None
         return True
 
 
-def _quiet_expected_tracebacks() -> None:
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-        for handler in logging.getLogger(name).handlers:
-            handler.addFilter(_HideExpectedTracebacks())
+def _hide_expected_tracebacks() -> None:
+    """Attach `_OneLineErrors` to every logging handler, Prefect's included."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for handler in {handler for logger in loggers for handler in getattr(logger, "handlers", [])}:
+        if not any(isinstance(existing, _OneLineErrors) for existing in handler.filters):
+            handler.addFilter(_OneLineErrors())
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -88,7 +100,9 @@ def _run(args: argparse.Namespace) -> int:
 
     from flows.stack_flow import stack_flow
 
-    _quiet_expected_tracebacks()
+    # Prefect logs a failed task's exception with its traceback. stackwise's own errors
+    # state what failed and what to do in the one line printed at the end.
+    _hide_expected_tracebacks()
 
     # Prefect and TensorFlow may print to stdout; keep it for the JSON summary alone.
     with contextlib.redirect_stdout(sys.stderr):
@@ -138,6 +152,34 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gc(args: argparse.Namespace) -> int:
+    from tasks.gc import collect, references, remove
+    from tasks.spec import load_spec
+    from tasks.store import Store
+
+    store = Store(_data_dir(args.data_dir))
+    specs = [load_spec(path) for path in args.specs]
+    collection = collect(store, references(specs, store))
+    if args.delete:
+        collection = remove(store, collection)
+    verb = "removed" if args.delete else "remove"
+    for entry in collection.remove:
+        print(f"{verb:<8} {entry.kind:<9} {_megabytes(entry.size):>10}  {entry.path}")
+    for entry in collection.keep:
+        if entry.reason != "referenced":
+            print(f"{'kept':<8} {entry.kind:<9} {_megabytes(entry.size):>10}  {entry.path} ({entry.reason})")
+    total = f"total: {len(collection.remove)} entries, {_megabytes(collection.bytes_removed)}"
+    if args.delete:
+        print(f"{total} removed from {store.root}")
+    else:
+        print(f"{total} to remove from {store.root}; run again with --delete to remove them")
+    return 0
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -146,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "gc":
+            return _gc(args)
         return _plan(args)
     except StackwiseError as exc:
         print(f"stackwise: error: {exc}", file=sys.stderr)

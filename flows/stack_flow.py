@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from flows.environment import apply_prefect_defaults
+from flows.environment import apply_prefect_defaults, default_data_dir
 
 apply_prefect_defaults()
 
@@ -15,17 +14,18 @@ from prefect.context import FlowRunContext  # noqa: E402
 from prefect.futures import PrefectFuture, as_completed  # noqa: E402
 
 from tasks.bases import pretrained_job_extra  # noqa: E402
-from tasks.dataset import Dataset  # noqa: E402
-from tasks.errors import SpecError, StageFailed  # noqa: E402
+from tasks.dataset import Dataset, dataset_digest  # noqa: E402
+from tasks.errors import StageFailed  # noqa: E402
+from tasks.leases import Leases  # noqa: E402
 from tasks.plan import assembly_job, decide_stage  # noqa: E402
 from tasks.prefect_tasks import assemble_task, snapshot_task, stage_task, task_options  # noqa: E402
-from tasks.spec import StackSpec, check_shapes, load_spec  # noqa: E402
+from tasks.spec import StackSpec, check_retrain_names, check_shapes, load_spec  # noqa: E402
 from tasks.store import Store  # noqa: E402
 from tasks.jobs import ParentRef, StageJob, dataset_parent  # noqa: E402
 
 __all__ = ["stack_flow", "DEFAULT_DATA_DIR"]
 
-DEFAULT_DATA_DIR = os.environ.get("STACKWISE_DATA_DIR", "data")
+DEFAULT_DATA_DIR = default_data_dir()
 
 
 @flow(name="stackwise", log_prints=False)
@@ -39,25 +39,24 @@ def stack_flow(spec_path: str, retrain: list[str] | None = None, data_dir: str =
     spec = load_spec(spec_path)
     check_retrain_names(spec, retrain or [])
 
-    dataset = snapshot_task(spec, str(store.root))
-    shapes = check_shapes(spec, dataset.shape, dataset.n_classes, where=spec_path)
+    # The run holds a lease on every artifact folder it uses, so `stackwise gc` keeps them.
+    with Leases(store) as leases:
+        leases.hold(store.dataset_dir(dataset_digest(spec)))
+        dataset = snapshot_task(spec, str(store.root))
+        shapes = check_shapes(spec, dataset.shape, dataset.n_classes, where=spec_path)
 
-    stages = build_stages(spec, dataset, store, set(retrain or []))
+        stages = build_stages(spec, dataset, store, set(retrain or []), leases)
 
-    assembly = assemble(spec, dataset, store, stages, shapes)
+        assembly = assemble(spec, dataset, store, stages, shapes, leases)
 
     return run_summary(spec, stages, assembly)
 
 
-def check_retrain_names(spec: StackSpec, retrain: list[str]) -> None:
-    names = [stage.name for stage in spec.stages]
-    for name in retrain:
-        if name not in names:
-            raise SpecError(f"--retrain: unknown stage '{name}'; stages of '{spec.name}': {', '.join(names)}")
-
-
-def _submit_stage(spec, stage, dataset: Dataset, store: Store, manifests, force: bool) -> PrefectFuture:
-    decision = decide_stage(spec, stage, dataset, manifests, store, force=force)
+def _submit_stage(
+    spec, stage, dataset: Dataset, store: Store, manifests, force: bool, leases: Leases | None
+) -> PrefectFuture:
+    hold = leases.hold if leases is not None else None
+    decision = decide_stage(spec, stage, dataset, manifests, store, force=force, before_lookup=hold)
     if stage.parents:
         parents = [
             ParentRef(name, str(store.stage_dir(name, manifests[name]["fingerprint"])),
@@ -83,7 +82,9 @@ def _submit_stage(spec, stage, dataset: Dataset, store: Store, manifests, force:
     )
 
 
-def build_stages(spec: StackSpec, dataset: Dataset, store: Store, retrain: set[str]) -> dict[str, dict]:
+def build_stages(
+    spec: StackSpec, dataset: Dataset, store: Store, retrain: set[str], leases: Leases | None = None
+) -> dict[str, dict]:
     """Submit each stage once its parents are done; independent branches run at once.
 
     A failed stage stops only the stages below it: the others finish and keep their
@@ -99,7 +100,8 @@ def build_stages(spec: StackSpec, dataset: Dataset, store: Store, retrain: set[s
         # A stage whose parent failed never becomes ready, so it is never submitted.
         for stage in [s for s in pending if all(p in manifests for p in s.parents)]:
             pending.remove(stage)
-            running[_submit_stage(spec, stage, dataset, store, manifests, stage.name in retrain)] = stage.name
+            future = _submit_stage(spec, stage, dataset, store, manifests, stage.name in retrain, leases)
+            running[future] = stage.name
         if not running:
             break
         future = next(as_completed(list(running)))
@@ -129,10 +131,17 @@ def _mark_cached(future: PrefectFuture, summary: dict) -> dict:
 
 
 def assemble(
-    spec: StackSpec, dataset: Dataset, store: Store, stages: dict[str, dict], shapes: dict[str, tuple]
+    spec: StackSpec,
+    dataset: Dataset,
+    store: Store,
+    stages: dict[str, dict],
+    shapes: dict[str, tuple],
+    leases: Leases | None = None,
 ) -> dict:
     manifests = {name: stage["manifest"] for name, stage in stages.items()}
     job = assembly_job(spec, dataset, store, manifests, shapes)
+    if leases is not None:
+        leases.hold(store.assembled_dir(spec.name, job.fingerprint))
     reusable = store.lookup(store.assembled_dir(spec.name, job.fingerprint)) is not None
     options = task_options(store, refresh=not reusable)
     future = assemble_task.with_options(**options).submit(job.fingerprint, job.to_dict())

@@ -22,7 +22,7 @@ from tasks.sources import load_builtin
 from tasks.spec import StackSpec
 from tasks.store import Store
 
-__all__ = ["SPLITS", "Dataset", "snapshot_dataset"]
+__all__ = ["SPLITS", "Dataset", "dataset_digest", "snapshot_dataset"]
 
 SPLITS = ("train", "validation", "test")
 
@@ -73,12 +73,17 @@ def _source_digest(spec: StackSpec) -> str:
         digest.update(",".join(classes).encode())
         return digest.hexdigest()
     path = spec.data_path()
-    if path.is_dir() or not path.exists():
+    if path.is_dir():
+        raise DataError(f"data.source: '{path}' is a folder; give a .parquet or .csv file")
+    if not path.exists():
         raise DataError(
             f"data.source: file '{path}' not found; check the path, which is relative to "
             "the spec file's folder"
         )
-    return digest_file(path)
+    try:
+        return digest_file(path)
+    except OSError as exc:
+        raise DataError(f"data.source: cannot read '{path}': {exc.strerror}; check its permissions") from None
 
 
 def _read_table(path: Path):
@@ -89,8 +94,9 @@ def _read_table(path: Path):
     try:
         if path.suffix == ".parquet":
             return pq.read_table(path)
-        return pacsv.read_csv(path)
-    except (pa.ArrowInvalid, OSError) as exc:
+        # An empty cell is a missing value in string columns too, not an empty label.
+        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+    except (pa.ArrowException, OSError) as exc:
         first_line = str(exc).splitlines()[0]
         raise DataError(
             f"data.source: cannot read '{path}': {first_line}; fix or re-export the file"
@@ -101,11 +107,7 @@ def _load_file(spec: StackSpec) -> tuple[np.ndarray, np.ndarray, list[str]]:
     import pyarrow as pa
 
     path = spec.data_path()
-    if spec.data.features is None or spec.data.label is None:
-        raise DataError(
-            f"data: a file source needs 'features' (a list of column names) and 'label' "
-            f"(a column name); got features={spec.data.features!r}, label={spec.data.label!r}"
-        )
+    _check_column_names(spec)
     table = _read_table(path)
     columns = table.column_names
     for name in [*spec.data.features, spec.data.label]:
@@ -117,6 +119,8 @@ def _load_file(spec: StackSpec) -> tuple[np.ndarray, np.ndarray, list[str]]:
                 f"{field}: column '{name}' not found in '{path}'.{suggest(name, columns)} "
                 f"Columns: {', '.join(columns)}"
             )
+    if table.num_rows == 0:
+        raise DataError(f"data.source: '{path}' has no rows; give a file with data")
     feature_columns = []
     for name in spec.data.features:
         column = table.column(name)
@@ -130,29 +134,64 @@ def _load_file(spec: StackSpec) -> tuple[np.ndarray, np.ndarray, list[str]]:
                 f"data.features: column '{name}' has {column.null_count} missing values; "
                 "fill or drop those rows"
             )
-        feature_columns.append(column.to_numpy().astype(np.float32))
+        values = column.to_numpy().astype(np.float32)
+        _check_finite(values, f"data.features: column '{name}' of '{path}'")
+        feature_columns.append(values)
     features = np.stack(feature_columns, axis=1)
-    labels_column = table.column(spec.data.label)
-    if labels_column.null_count:
-        raise DataError(
-            f"data.label: column '{spec.data.label}' has {labels_column.null_count} missing "
-            "values; fill or drop those rows"
-        )
-    raw_labels = np.asarray(labels_column.to_pylist())
-    classes, labels = np.unique(raw_labels, return_inverse=True)
+    labels = _read_labels(table.column(spec.data.label), spec.data.label, path)
+    classes, labels = np.unique(labels, return_inverse=True)
     return features, labels, [str(value) for value in classes]
+
+
+def _check_column_names(spec: StackSpec) -> None:
+    features = spec.data.features
+    duplicates = sorted({name for name in features if features.count(name) > 1})
+    if duplicates:
+        raise DataError(
+            f"data.features: column {duplicates[0]!r} is listed more than once; list each column once"
+        )
+    if spec.data.label in features:
+        raise DataError(
+            f"data.features: lists the label column '{spec.data.label}', which would leak the "
+            "answer into the inputs; remove it from data.features"
+        )
+
+
+def _read_labels(column, name: str, path: Path) -> np.ndarray:
+    import pyarrow as pa
+
+    kind = column.type
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_string(kind)
+            or pa.types.is_large_string(kind) or pa.types.is_boolean(kind)):
+        raise DataError(
+            f"data.label: column '{name}' of '{path}' has type {kind}, expected integers, "
+            "strings or booleans; convert the labels to one of these"
+        )
+    if column.null_count:
+        raise DataError(
+            f"data.label: column '{name}' of '{path}' has {column.null_count} missing values; "
+            "fill or drop those rows"
+        )
+    labels = column.to_numpy()
+    if pa.types.is_floating(kind):
+        _check_finite(labels, f"data.label: column '{name}' of '{path}'")
+    return labels
+
+
+def _check_finite(values: np.ndarray, where: str) -> None:
+    bad = ~np.isfinite(values)
+    if bad.any():
+        first = int(np.argmax(bad.reshape(-1)))
+        raise DataError(
+            f"{where}: {int(bad.sum())} values are NaN or infinite (first in row {first}, "
+            f"value {values.reshape(-1)[first]}); clean or impute them before training"
+        )
 
 
 def _check_values(spec: StackSpec, features: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:
     if len(features) == 0:
         raise DataError(f"data.source: '{spec.data.source}' has no rows; give a file with data")
-    bad = ~np.isfinite(features)
-    if bad.any():
-        row, column = np.argwhere(bad.reshape(len(features), -1))[0]
-        raise DataError(
-            f"data.features: {int(bad.sum())} values are NaN or infinite (first at row {row}, "
-            f"feature {column}); clean or impute them before training"
-        )
+    _check_finite(features, f"data.source '{spec.data.source}'")
     if len(classes) < 2:
         raise DataError(
             f"data.label: the label has {len(classes)} class ({', '.join(classes) or 'none'}); "
@@ -165,7 +204,7 @@ def _check_values(spec: StackSpec, features: np.ndarray, labels: np.ndarray, cla
         )
 
 
-def _split(spec: StackSpec, labels: np.ndarray) -> dict[str, np.ndarray]:
+def _split(spec: StackSpec, labels: np.ndarray, classes: list[str]) -> dict[str, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
     settings = spec.data.split
@@ -195,21 +234,20 @@ def _split(spec: StackSpec, labels: np.ndarray) -> dict[str, np.ndarray]:
     for name, indices in splits.items():
         if len(indices) == 0:
             raise DataError(f"data.split: the {name} split is empty; use more rows or a larger fraction")
-    unseen = set(np.unique(labels[splits["test"]])) - set(np.unique(labels[splits["train"]]))
-    if unseen:
-        raise DataError(
-            f"data.split: test labels {sorted(int(v) for v in unseen)} never occur in the train "
-            "split; set stratify: true or add rows of those classes"
-        )
+    trained_on = set(np.unique(labels[splits["train"]]).tolist())
+    for name in ("validation", "test"):
+        unseen = sorted(set(np.unique(labels[splits[name]]).tolist()) - trained_on)
+        if unseen:
+            raise DataError(
+                f"data.split: {name} labels {[classes[index] for index in unseen]} never occur in "
+                "the train split; set stratify: true or add rows of those classes"
+            )
     return splits
 
 
-def snapshot_dataset(spec: StackSpec, store: Store) -> Dataset:
-    """Read, check and split the spec's data source once, storing it under its digest.
-
-    An existing snapshot with the same digest is reused without reading the source.
-    """
-    digest = digest_json(
+def dataset_digest(spec: StackSpec) -> str:
+    """Return the digest of the spec's dataset snapshot: the source's bytes and the split settings."""
+    return digest_json(
         {
             "source": _source_digest(spec),
             "features": spec.data.features,
@@ -218,6 +256,14 @@ def snapshot_dataset(spec: StackSpec, store: Store) -> Dataset:
             "split": spec.data.split.model_dump(mode="json"),
         }
     )
+
+
+def snapshot_dataset(spec: StackSpec, store: Store) -> Dataset:
+    """Read, check and split the spec's data source once, storing it under its digest.
+
+    An existing snapshot with the same digest is reused without reading the source.
+    """
+    digest = dataset_digest(spec)
     folder = store.dataset_dir(digest)
     manifest = store.lookup(folder)
     if manifest is None:
@@ -240,7 +286,7 @@ def _write_snapshot(spec: StackSpec, store: Store, digest: str, folder: Path) ->
     _check_values(spec, features, labels, classes)
     shape = tuple(spec.data.shape) if spec.data.shape else natural_shape
     features = features.reshape(len(features), *shape)
-    splits = _split(spec, labels)
+    splits = _split(spec, labels, classes)
     with store.staging(f"dataset-{digest[:12]}") as staged:
         for name, rows in splits.items():
             write_feature_file(

@@ -10,11 +10,23 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any, ClassVar, Literal
+import re
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-__all__ = ["ACTIVATIONS", "LAYER_TYPES", "LayerSpec", "ShapeMismatch", "argument_error", "parse_entry", "parse_layer"]
+__all__ = [
+    "ACTIVATIONS",
+    "LAYER_TYPES",
+    "LayerSpec",
+    "Number",
+    "PositiveInteger",
+    "ShapeMismatch",
+    "argument_error",
+    "describe_error",
+    "parse_entry",
+    "parse_layer",
+]
 
 Shape = tuple[int, ...]
 
@@ -28,7 +40,11 @@ Activation = Literal[
     "sigmoid", "hard_sigmoid", "tanh", "softmax", "softplus", "softsign", "mish", "exponential",
 ]
 Padding = Literal["valid", "same"]
-PositiveIntPair = int | tuple[int, int]
+
+# Strict numbers: YAML gives ints and floats their own types, so `units: true`, `units: "8"`
+# or `epochs: 2.5` are mistakes to report, not values to coerce.
+PositiveInteger = Annotated[int, Field(strict=True, gt=0)]
+Number = Annotated[float, Field(strict=True)]
 
 
 class ShapeMismatch(ValueError):
@@ -41,10 +57,27 @@ def suggest(value: str, choices: list[str] | tuple[str, ...]) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
+def describe_error(error: dict[str, Any]) -> tuple[str, str]:
+    """Return the dotted field path and the message of one pydantic error.
+
+    A value outside a fixed set of choices gets a " Did you mean 'X'?" suggestion.
+    """
+    field = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "literal_error" and isinstance(error.get("input"), str):
+        choices = re.findall(r"'([^']*)'", str(error.get("ctx", {}).get("expected", "")))
+        message += f"; received {error['input']!r}.{suggest(error['input'], choices)}"
+    elif error["type"] != "value_error":
+        message += f"; received {error.get('input')!r}."
+    elif not message.endswith("."):
+        message += "."
+    return field, message
+
+
 class SpecModel(BaseModel):
     """Base of every spec model: rejects unknown keys with the valid ones and a suggestion."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -61,8 +94,23 @@ class SpecModel(BaseModel):
         return data
 
 
-def _pair(value: PositiveIntPair) -> tuple[int, int]:
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (value[0], value[1])
+
+
+def _check_positive_pair(value: Any) -> Any:
+    def positive(item: Any) -> bool:
+        return isinstance(item, int) and not isinstance(item, bool) and item > 0
+
+    if positive(value) or (isinstance(value, (list, tuple)) and len(value) == 2
+                           and all(positive(item) for item in value)):
+        return value
+    raise ValueError(
+        f"expected a positive integer or a list of two, such as 3 or [3, 3]; received {value!r}"
+    )
+
+
+PositiveIntPair = Annotated[int | tuple[int, int], BeforeValidator(_check_positive_pair)]
 
 
 def _conv_length(size: int, kernel: int, stride: int, padding: str) -> int:
@@ -103,9 +151,9 @@ class LayerSpec(SpecModel):
 
 class Dense(LayerSpec):
     layer: Literal["Dense"]
-    units: PositiveInt
+    units: PositiveInteger
     activation: Activation | None = None
-    use_bias: bool = True
+    use_bias: Annotated[bool, Field(strict=True)] = True
 
     def _output_shape(self, shape: Shape) -> Shape:
         return (*shape[:-1], self.units)
@@ -113,18 +161,18 @@ class Dense(LayerSpec):
 
 class Dropout(LayerSpec):
     layer: Literal["Dropout"]
-    rate: float = Field(ge=0.0, lt=1.0)
+    rate: Number = Field(ge=0.0, lt=1.0)
 
 
 class GaussianNoise(LayerSpec):
     layer: Literal["GaussianNoise"]
-    stddev: float = Field(gt=0.0)
+    stddev: Number = Field(gt=0.0)
 
 
 class BatchNormalization(LayerSpec):
     layer: Literal["BatchNormalization"]
-    momentum: float = Field(default=0.99, gt=0.0, lt=1.0)
-    epsilon: float = Field(default=0.001, gt=0.0)
+    momentum: Number = Field(default=0.99, gt=0.0, lt=1.0)
+    epsilon: Number = Field(default=0.001, gt=0.0)
 
 
 class LayerNormalization(LayerSpec):
@@ -135,7 +183,7 @@ class LayerNormalization(LayerSpec):
 
     layer: Literal["LayerNormalization"]
     axis: int | list[int] = -1
-    epsilon: float = Field(default=0.001, gt=0.0)
+    epsilon: Number = Field(default=0.001, gt=0.0)
     center: bool = True
     scale: bool = True
 
@@ -153,8 +201,8 @@ class Rescaling(LayerSpec):
     """Multiply by `scale` and add `offset`, for example 1/16 for digits' 0 to 16 pixels."""
 
     layer: Literal["Rescaling"]
-    scale: float
-    offset: float = 0.0
+    scale: Number
+    offset: Number = 0.0
 
     @property
     def is_preprocessing(self) -> bool:
@@ -180,7 +228,7 @@ class Flatten(LayerSpec):
 
 class Reshape(LayerSpec):
     layer: Literal["Reshape"]
-    target_shape: tuple[PositiveInt, ...] = Field(min_length=1)
+    target_shape: tuple[PositiveInteger, ...] = Field(min_length=1)
 
     def _output_shape(self, shape: Shape) -> Shape:
         if math.prod(shape) != math.prod(self.target_shape):
@@ -194,7 +242,7 @@ class Reshape(LayerSpec):
 
 class Conv2D(LayerSpec):
     layer: Literal["Conv2D"]
-    filters: PositiveInt
+    filters: PositiveInteger
     kernel_size: PositiveIntPair
     strides: PositiveIntPair = 1
     padding: Padding = "valid"
@@ -294,10 +342,10 @@ def parse_entry(raw: Any, key: str, types: dict[str, type[SpecModel]], example: 
     if name is None:
         first = next(iter(types))
         raise ValueError(f"{article} {key} needs a '{key}' key naming {names}, such as '{first}'")
-    if name not in types:
+    if not isinstance(name, str) or name not in types:
+        hint = suggest(name, tuple(types)) if isinstance(name, str) else ""
         raise ValueError(
-            f"unknown {key} '{name}'.{suggest(str(name), tuple(types))} "
-            f"Supported {key}s: {', '.join(types)}"
+            f"unknown {key} {name!r}.{hint} Supported {key}s: {', '.join(types)}"
         )
     try:
         return types[name].model_validate(raw)
@@ -307,9 +355,6 @@ def parse_entry(raw: Any, key: str, types: dict[str, type[SpecModel]], example: 
 
 def argument_error(name: str, exc: ValidationError) -> str:
     """Return the one-line message for the first invalid argument of the layer or adapter `name`."""
-    error = exc.errors()[0]
-    field = ".".join(str(part) for part in error["loc"])
-    message = error["msg"].removeprefix("Value error, ")
-    received = f"; received {error['input']!r}" if field else ""
+    field, message = describe_error(exc.errors()[0])
     where = f"{name} argument '{field}': " if field else f"{name}: "
-    return f"{where}{message}{received}. Fix this argument in the spec"
+    return f"{where}{message} Fix this argument in the spec"

@@ -6,6 +6,7 @@ the decision a run makes. Nothing here imports Prefect or TensorFlow.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,13 +73,20 @@ def decide_stage(
     manifests: dict[str, dict],
     store: Store,
     force: bool = False,
+    before_lookup: Callable[[Path], None] | None = None,
 ) -> StageDecision:
-    """Compute a stage's fingerprint from its parents' manifests and look up its artifact."""
+    """Compute a stage's fingerprint from its parents' manifests and look up its artifact.
+
+    `before_lookup`, if given, is called with the artifact folder before it is checked
+    (a run takes its lease there, so that `stackwise gc` cannot remove it afterwards).
+    """
     inputs = fingerprint_inputs(
         normalized_stage(spec, stage, dataset), parent_digests(stage, dataset, manifests), dataset.digest
     )
     fingerprint = fingerprint_of(inputs)
     folder = store.stage_dir(stage.name, fingerprint)
+    if before_lookup is not None:
+        before_lookup(folder)
     if force:
         return StageDecision(stage.name, "train", "retrain requested", fingerprint, inputs, None, folder)
     verification = store.verify(folder)

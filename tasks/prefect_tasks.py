@@ -18,11 +18,11 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CachePolicy
-from prefect.locking.filesystem import FileSystemLockManager
 from prefect.transactions import IsolationLevel
 
 from tasks.dataset import Dataset, snapshot_dataset
 from tasks.evaluation import headline
+from tasks.locks import ProcessLockManager
 from tasks.spec import StackSpec
 from tasks.stage_process import run_job
 from tasks.store import Store
@@ -41,7 +41,7 @@ class FingerprintPolicy(CachePolicy):
 def task_options(store: Store, refresh: bool) -> dict[str, Any]:
     """Return the `with_options` arguments that put results and locks in the store."""
     policy = FingerprintPolicy().configure(
-        lock_manager=FileSystemLockManager(lock_files_directory=store.prefect_dir / "locks"),
+        lock_manager=ProcessLockManager(lock_files_directory=store.prefect_dir / "locks"),
         isolation_level=IsolationLevel.SERIALIZABLE,
     )
     return {

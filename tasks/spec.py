@@ -16,10 +16,6 @@ import yaml
 from pydantic import (
     BeforeValidator,
     Field,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
     SerializeAsAny,
     ValidationError,
     field_validator,
@@ -34,7 +30,16 @@ from tasks.bases import (
     pretrained_output_shape,
 )
 from tasks.errors import SpecError
-from tasks.layers import LayerSpec, ShapeMismatch, SpecModel, parse_layer, suggest
+from tasks.layers import (
+    LayerSpec,
+    Number,
+    PositiveInteger,
+    ShapeMismatch,
+    SpecModel,
+    describe_error,
+    parse_layer,
+    suggest,
+)
 
 __all__ = [
     "BUILTIN_SOURCES",
@@ -51,6 +56,10 @@ __all__ = [
 
 BUILTIN_SOURCES = ("sklearn:digits", "sktime:BasicMotions")
 STAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+STACK_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# NumPy and scikit-learn take seeds from 0 to 2**32 - 1.
+Seed = Annotated[int, Field(strict=True, ge=0, lt=2**32)]
+Flag = Annotated[bool, Field(strict=True)]
 Optimizer = Literal["adam", "adamw", "sgd", "rmsprop"]
 Objective = Literal["supervised", "autoencoder", "head", "pretrained"]
 Merge = Literal["concat", "add", "average", "maximum", "multiply"]
@@ -59,10 +68,10 @@ Merge = Literal["concat", "add", "average", "maximum", "multiply"]
 class SplitSpec(SpecModel):
     """How the source rows are divided into train, validation and test splits."""
 
-    test: float = Field(default=0.2, gt=0.0, lt=1.0)
-    validation: float = Field(default=0.1, gt=0.0, lt=1.0)
-    seed: int = 0
-    stratify: bool = True
+    test: Number = Field(default=0.2, gt=0.0, lt=1.0)
+    validation: Number = Field(default=0.1, gt=0.0, lt=1.0)
+    seed: Seed = 0
+    stratify: Flag = True
 
 
 class DataSpec(SpecModel):
@@ -72,7 +81,7 @@ class DataSpec(SpecModel):
     features: list[str] | None = Field(default=None, min_length=1)
     label: str | None = None
     # Shape of one example; the source's flat feature vector is reshaped to it.
-    shape: tuple[PositiveInt, ...] | None = Field(default=None, min_length=1)
+    shape: tuple[PositiveInteger, ...] | None = Field(default=None, min_length=1)
     split: SplitSpec = SplitSpec()
 
     @field_validator("source")
@@ -90,6 +99,20 @@ class DataSpec(SpecModel):
             )
         return value
 
+    @model_validator(mode="after")
+    def _columns_match_source(self) -> DataSpec:
+        if self.is_builtin and (self.features is not None or self.label is not None):
+            raise ValueError(
+                f"the built-in source '{self.source}' has its own features and label; "
+                "remove data.features and data.label"
+            )
+        if not self.is_builtin and (self.features is None or self.label is None):
+            raise ValueError(
+                "a file source needs 'features' (a list of column names) and 'label' (a column "
+                f"name); got features={self.features!r}, label={self.label!r}"
+            )
+        return self
+
     @property
     def is_builtin(self) -> bool:
         return self.source in BUILTIN_SOURCES
@@ -99,20 +122,20 @@ class EarlyStopping(SpecModel):
     """Stop training when `monitor` has not improved by `min_delta` for `patience` epochs."""
 
     monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
-    patience: NonNegativeInt = 5
-    min_delta: NonNegativeFloat = 0.0
-    restore_best_weights: bool = True
+    patience: Annotated[int, Field(strict=True, ge=0)] = 5
+    min_delta: Number = Field(default=0.0, ge=0.0)
+    restore_best_weights: Flag = True
 
 
 class TrainingSettings(SpecModel):
     """Training settings of a stage. Unset fields fall back to the spec's `defaults`."""
 
     optimizer: Optimizer | None = None
-    learning_rate: PositiveFloat | None = None
-    epochs: PositiveInt | None = None
-    batch_size: PositiveInt | None = None
+    learning_rate: Annotated[Number, Field(gt=0.0)] | None = None
+    epochs: PositiveInteger | None = None
+    batch_size: PositiveInteger | None = None
     early_stopping: EarlyStopping | None = None
-    seed: int | None = None
+    seed: Seed | None = None
 
 
 DEFAULT_TRAINING = {
@@ -142,7 +165,7 @@ class StageSpec(TrainingSettings):
     # input shape is added), and the stddev of Gaussian noise added to the input while
     # training, which makes it a denoising autoencoder.
     decoder: list[Layer] = Field(default_factory=list)
-    noise: NonNegativeFloat = 0.0
+    noise: Annotated[Number, Field(ge=0.0)] = 0.0
     # A pretrained stage's frozen base and the adapters in front of it (see tasks.bases).
     base: BaseSpec | None = None
     adapters: list[Adapter] = Field(default_factory=list)
@@ -230,16 +253,16 @@ class FineTuneSpec(SpecModel):
     """
 
     stages: list[str] | Literal["all"] = "all"
-    epochs: PositiveInt = 10
-    learning_rate: PositiveFloat = 1e-4
-    batch_size: PositiveInt = 64
+    epochs: PositiveInteger = 10
+    learning_rate: Annotated[Number, Field(gt=0.0)] = 1e-4
+    batch_size: PositiveInteger = 64
     optimizer: Optimizer = "adam"
 
 
 class StackSpec(SpecModel):
     """A whole stack: data, defaults and stages, in the order the YAML lists them."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str
     data: DataSpec
     defaults: TrainingSettings = TrainingSettings()
     stages: list[StageSpec] = Field(min_length=1)
@@ -258,6 +281,16 @@ class StackSpec(SpecModel):
             if stage.base is not None:
                 stage.base.bind(self.base_dir)
         return self
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        # The name becomes a folder under assembled/, so '.' and '..' would escape it.
+        if not STACK_NAME.match(value) or set(value) == {"."}:
+            raise ValueError(
+                f"stack name {value!r} is invalid; use letters, digits, '.', '_' and '-' "
+                "(not only dots), such as 'digits'"
+            )
+        return value
 
     def stage(self, name: str) -> StageSpec:
         return next(stage for stage in self.stages if stage.name == name)
@@ -489,19 +522,19 @@ def _describe_location(raw: Any, loc: tuple[Any, ...]) -> str:
 
 def _format_validation_error(where: str, raw: Any, exc: ValidationError) -> str:
     error = exc.errors()[0]
-    loc = tuple(error["loc"])
-    location = _describe_location(raw, loc)
-    message = error["msg"].removeprefix("Value error, ")
+    location = _describe_location(raw, tuple(error["loc"]))
     if error["type"] == "missing":
         return f"{where}: {location}: required field is missing; add it to the spec"
-    if error["type"] in {"value_error", "assertion_error"}:
-        return f"{where}: {location}: {message}"
-    received = error.get("input")
-    return f"{where}: {location}: {message}; received {received!r}. Fix this value in the spec"
+    _, message = describe_error({**error, "loc": ()})
+    if error["type"] == "value_error":
+        return f"{where}: {location}: {message.removesuffix('.')}"
+    return f"{where}: {location}: {message} Fix this value in the spec"
 
 
 def parse_spec(raw: Any, where: str = "spec", base_dir: Path = Path(".")) -> StackSpec:
     """Validate an already-parsed YAML document into a StackSpec, or raise SpecError."""
+    if raw is None:
+        raise SpecError(f"{where}: the spec is empty; write a stack spec with keys name, data and stages")
     if not isinstance(raw, dict):
         raise SpecError(
             f"{where}: the spec must be a YAML mapping with keys name, data and stages; "
@@ -516,6 +549,31 @@ def parse_spec(raw: Any, where: str = "spec", base_dir: Path = Path(".")) -> Sta
     return spec
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error.
+
+    Plain YAML keeps the last value silently, so `epochs` written twice would train
+    with whichever came last.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)  # resolves `<<` merge keys first
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key, which the base loader reports
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}; keep one of them", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_spec(path: str | Path) -> StackSpec:
     """Read and validate the stack spec at `path`, or raise SpecError."""
     path = Path(path)
@@ -524,7 +582,9 @@ def load_spec(path: str | Path) -> StackSpec:
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found; check the path")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_SpecLoader)
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the spec file: {exc.strerror}; check its permissions") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -533,6 +593,17 @@ def load_spec(path: str | Path) -> StackSpec:
     except UnicodeDecodeError:
         raise SpecError(f"{path}: not a UTF-8 text file; give a YAML stack spec") from None
     return parse_spec(raw, where=str(path), base_dir=path.parent.resolve())
+
+
+def check_retrain_names(spec: StackSpec, retrain: list[str]) -> None:
+    """Raise SpecError if `--retrain` names a stage the spec does not have."""
+    names = [stage.name for stage in spec.stages]
+    for name in retrain:
+        if name not in names:
+            raise SpecError(
+                f"--retrain: unknown stage '{name}'.{suggest(name, names)} Stages of "
+                f"'{spec.name}': {', '.join(names)}"
+            )
 
 
 def stage_input_shape(
@@ -580,9 +651,10 @@ def check_shapes(
                 shape = layer.output_shape(shape)
             except ShapeMismatch as exc:
                 source = f"parents {stage.parents}" if stage.parents else "the data"
+                received = stage_input_shape(stage, output_shapes, input_shape, where)
                 raise SpecError(
                     f"{where}: stage '{stage.name}' layers[{index}] ({layer.layer}): {exc}. "
-                    f"The stage's input comes from {source}"
+                    f"The stage's input comes from {source}, with shape {list(received)}"
                 ) from None
         if stage.objective == "head":
             if len(shape) != 1:

@@ -5,6 +5,11 @@ the process exits, an out-of-memory kill fails that stage alone, global seeds
 cannot leak between stages that run at once, and a run that reuses every stage
 never imports TensorFlow.
 
+STACKWISE_STAGE_MEMORY_MB, when set, caps each stage process's address space
+(RLIMIT_AS) at that many megabytes; a stage that needs more fails alone with a
+message that names the limit. TensorFlow 2.21 reserves about 2.5 GB of address space
+in a process that trains and exports a small model, so useful limits start near 3000.
+
 Protocol: the parent writes a JSON job file and starts `python -m
 tasks.stage_process JOB_FILE`. The child writes one JSON event per line to its
 standard output (anything else it would print goes to standard error) and ends
@@ -17,6 +22,7 @@ import collections
 import json
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -26,13 +32,29 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import StageFailed, StackwiseError
+from tasks.errors import SpecError, StageFailed, StackwiseError
 
-__all__ = ["run_job"]
+__all__ = ["MEMORY_VARIABLE", "memory_limit_mb", "run_job"]
 
 logger = logging.getLogger(__name__)
 
 STDERR_LINES_KEPT = 30
+MEMORY_VARIABLE = "STACKWISE_STAGE_MEMORY_MB"
+# Text in a stage process's standard error after an allocation failed under RLIMIT_AS.
+MEMORY_SYMPTOMS = ("MemoryError", "ResourceExhausted", "bad_alloc", "pthread_create", "Cannot allocate memory")
+
+
+def memory_limit_mb() -> int | None:
+    """Return the stage processes' memory limit in megabytes, or None when unset."""
+    value = os.environ.get(MEMORY_VARIABLE, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) == 0:
+        raise SpecError(
+            f"{MEMORY_VARIABLE}={value!r}: expected a positive whole number of megabytes, such as "
+            "4096; unset it for no limit"
+        )
+    return int(value)
 
 
 def run_job(
@@ -93,6 +115,14 @@ def _relay_events(process: subprocess.Popen, on_event) -> dict[str, Any] | None:
 def _result_or_raise(outcome, returncode: int, stderr_tail, label: str) -> dict[str, Any]:
     if outcome and outcome["event"] == "result" and returncode == 0:
         return outcome["value"]
+    limit = memory_limit_mb()
+    if _ran_out_of_memory(outcome, returncode, stderr_tail, limit):
+        detail = outcome["message"] if outcome else " | ".join(list(stderr_tail)[-2:])
+        where = f"under the limit of {limit} MB set by {MEMORY_VARIABLE}" if limit else ""
+        raise StageFailed(
+            f"{label} ran out of memory {where} ({detail[:200]}); raise {MEMORY_VARIABLE} or lower "
+            "batch_size or the layer sizes, then run again; completed stages are kept"
+        )
     if outcome and outcome["event"] == "error":
         if outcome.get("expected"):
             raise StageFailed(outcome["message"])
@@ -109,6 +139,21 @@ def _result_or_raise(outcome, returncode: int, stderr_tail, label: str) -> dict[
     raise StageFailed(f"{label}: the training process exited with code {returncode}: {last}")
 
 
+def _ran_out_of_memory(outcome, returncode: int, stderr_tail, limit: int | None) -> bool:
+    if outcome and outcome.get("kind") == "memory":
+        return True
+    if outcome and outcome["event"] == "result":
+        return False
+    # Under RLIMIT_AS, TensorFlow may abort (SIGABRT) when a thread or buffer cannot be allocated.
+    return limit is not None and any(symptom in line for line in stderr_tail for symptom in MEMORY_SYMPTOMS)
+
+
+def _apply_memory_limit() -> None:
+    limit = memory_limit_mb()
+    if limit is not None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit << 20, limit << 20))
+
+
 def _main(job_file: str) -> int:
     # Keep stdout for events: anything that libraries print goes to stderr instead.
     events = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
@@ -119,6 +164,7 @@ def _main(job_file: str) -> int:
 
     request = json.loads(Path(job_file).read_text())
     try:
+        _apply_memory_limit()
         if request["action"] == "train":
             from tasks.training import StageJob, train_stage
 
@@ -131,6 +177,12 @@ def _main(job_file: str) -> int:
         emit({"event": "error", "message": str(exc), "expected": True})
         return 1
     except Exception as exc:  # noqa: BLE001 - the parent needs every failure as a message.
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "ResourceExhaustedError":
+            # TensorFlow's message starts with a generic line; the allocation that failed is further down.
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+            detail = next((line for line in lines if "alloc" in line), lines[0])
+            emit({"event": "error", "kind": "memory", "message": f"{type(exc).__name__}: {detail}"})
+            return 1
         import traceback
 
         traceback.print_exc()

@@ -14,14 +14,21 @@ when complete, so a crash never leaves a partial folder where a later run looks.
 every file. Reuse checks sizes and times, and recomputes a digest only for a file
 whose time changed, so an edited or truncated file is caught without rereading the
 rest.
+
+NOTE: the quick check trusts a file whose size and modification time both match
+the manifest. An edit that keeps the size and then sets the old modification time
+back (`touch -d`, `os.utime`) is not caught by it. Only full verification
+(`verify(full=True)`) recomputes every digest.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +44,13 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+
+# Test hook: STACKWISE_PAUSE_AT=manifest-written:LABEL makes the process that has just
+# written the manifest of a staging folder whose name starts with LABEL (such as
+# `stage-hidden_2` or `dataset`) create `<folder>.paused` and sleep until it is killed.
+# Tests use it to kill a run at an instant too short to observe from outside. Unset,
+# it does nothing.
+PAUSE_VARIABLE = "STACKWISE_PAUSE_AT"
 
 
 @dataclass(frozen=True)
@@ -111,10 +125,18 @@ class Store:
     def prefect_dir(self) -> Path:
         return self.root / "prefect"
 
+    @property
+    def staging_dir(self) -> Path:
+        return self.root / "staging"
+
     @contextmanager
     def staging(self, label: str) -> Iterator[Path]:
-        """Yield a fresh folder under `staging/`; remove it if the block raises."""
-        folder = self.root / "staging" / f"{label}-{uuid.uuid4().hex[:12]}"
+        """Yield a fresh folder under `staging/`; remove it if the block raises.
+
+        The folder's name ends in the writing process's id, so that `stackwise gc` can
+        tell a folder still being written from one a killed run left behind.
+        """
+        folder = self.staging_dir / f"{label}-{uuid.uuid4().hex[:12]}-pid{os.getpid()}"
         folder.mkdir(parents=True)
         try:
             yield folder
@@ -122,11 +144,15 @@ class Store:
             shutil.rmtree(folder, ignore_errors=True)
             raise
 
-    def publish(self, staged: Path, target: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    def publish(
+        self, staged: Path, target: Path, manifest: dict[str, Any], replace: bool = False
+    ) -> dict[str, Any]:
         """Write the manifest into `staged`, then rename it to `target`; return the manifest.
 
-        An existing `target` (a forced rebuild or a corrupt artifact) is moved aside first
-        and deleted after the new folder is in place.
+        A damaged `target`, or any `target` when `replace` is set (a forced rebuild), is
+        moved aside first and deleted after the new folder is in place. A sound `target`
+        that another run published first is kept, and its manifest returned: replacing
+        it would pull files from under a run that is reading them.
         """
         manifest = {
             **manifest,
@@ -135,12 +161,25 @@ class Store:
         }
         _fsync_tree(staged)
         _write_json_atomically(staged / MANIFEST, manifest)
+        _pause_if_requested("manifest-written", staged)
         target.parent.mkdir(parents=True, exist_ok=True)
         retired = None
         if target.exists():
+            existing = self.verify(target)
+            if existing.ok and not replace:
+                shutil.rmtree(staged, ignore_errors=True)
+                return existing.manifest
             retired = target.with_name(f".retired-{target.name}-{uuid.uuid4().hex[:8]}")
             os.rename(target, retired)
-        os.rename(staged, target)
+        try:
+            os.rename(staged, target)
+        except OSError as exc:
+            # Another run renamed its folder into place between the check and the rename.
+            existing = self.verify(target)
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not existing.ok:
+                raise
+            shutil.rmtree(staged, ignore_errors=True)
+            manifest = existing.manifest
         if retired is not None:
             shutil.rmtree(retired, ignore_errors=True)
         return manifest
@@ -154,8 +193,9 @@ class Store:
         if not folder.is_dir():
             return Verification(None, "artifact missing")
         manifest = read_manifest(folder)
-        if manifest is None or "files" not in manifest:
-            return Verification(None, f"no readable {MANIFEST} in {folder}")
+        problem = _manifest_problem(manifest, folder)
+        if problem:
+            return Verification(None, f"{folder / MANIFEST}: {problem}")
         for relative, expected in manifest["files"].items():
             problem = _check_file(folder / relative, expected, full)
             if problem:
@@ -170,6 +210,35 @@ class Store:
         if folder.exists() and result.problem:
             logger.warning("Ignoring a damaged artifact, it will be rebuilt: %s", result.problem)
         return None
+
+
+def _manifest_problem(manifest: Any, folder: Path) -> str | None:
+    """Return why `manifest` cannot describe the artifact in `folder`, or None."""
+    if manifest is None:
+        return "missing or not valid JSON"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not manifest["files"]:
+        return "has no file list"
+    for relative, expected in manifest["files"].items():
+        parts = Path(relative).parts
+        if Path(relative).is_absolute() or ".." in parts or not parts:
+            return f"lists a file outside the artifact: {relative!r}"
+        if not (isinstance(expected, dict) and isinstance(expected.get("size"), int)
+                and isinstance(expected.get("sha256"), str)):
+            return f"the entry for {relative!r} has no size and sha256"
+    # A folder copied or renamed to another fingerprint must not pass for that artifact.
+    name = manifest.get("fingerprint", manifest.get("digest"))
+    if name is not None and name != folder.name:
+        return f"belongs to {str(name)[:12]}…, not to this folder"
+    return None
+
+
+def _pause_if_requested(point: str, folder: Path) -> None:
+    requested, _, label = os.environ.get(PAUSE_VARIABLE, "").partition(":")
+    if requested != point or not folder.name.startswith(label):
+        return
+    folder.with_name(folder.name + ".paused").touch()
+    while True:
+        time.sleep(60)
 
 
 def _check_file(path: Path, expected: dict[str, Any], full: bool) -> str | None:

@@ -249,7 +249,7 @@ def train_stage(job: StageJob, emit: EventSink = lambda event: None) -> dict[str
             model.export(str(staged / name), format="tf_saved_model", verbose=False)
         features = _extract_features(staged / "model", job, inputs, staged / "features")
         manifest = stage_manifest(job, staged, features, metrics, started, ["model", *extra_models])
-        return store.publish(staged, target, manifest)
+        return store.publish(staged, target, manifest, replace=job.force)
 
 
 def stage_manifest(

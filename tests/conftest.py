@@ -44,12 +44,22 @@ def write_spec(folder: Path, spec: dict, name: str = "stack.yaml") -> Path:
     return path
 
 
-def run_cli(*arguments: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the `stackwise` command in a new process, with its own Prefect home under `cwd`."""
+def run_cli(
+    *arguments: str, cwd: Path, timeout: float = 600, env: dict[str, str | None] | None = None
+) -> subprocess.CompletedProcess:
+    """Run the `stackwise` command in a new process, with its own Prefect home under `cwd`.
+
+    `env` sets environment variables for it; a value of None removes the variable.
+    """
+    environment = {**os.environ, "PYTHONPATH": str(PROJECT), "PREFECT_HOME": str(cwd / ".prefect")}
+    for name, value in (env or {}).items():
+        if value is None:
+            environment.pop(name, None)
+        else:
+            environment[name] = value
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *arguments],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(PROJECT), "PREFECT_HOME": str(cwd / ".prefect")},
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=environment,
     )
 
 
@@ -65,3 +75,42 @@ def prefect_server():
 @pytest.fixture
 def spec_file(tmp_path: Path) -> Path:
     return write_spec(tmp_path, tiny_spec())
+
+
+@pytest.fixture(scope="session")
+def trained_store(tmp_path_factory) -> tuple[Path, dict]:
+    """A store in which `stackwise run` trained the tiny stack, and that run's JSON summary.
+
+    Tests must not change it; copy it first (see `copy_store`).
+    """
+    import json
+
+    folder = tmp_path_factory.mktemp("trained-store")
+    spec_path = write_spec(folder, tiny_spec())
+    result = run_cli("run", str(spec_path), "--json", "--data-dir", str(folder / "data"), cwd=folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "data", json.loads(result.stdout)
+
+
+@pytest.fixture
+def trained_copy(trained_store, tmp_path) -> tuple[Path, Path, dict[str, Path]]:
+    """A private copy of the trained store, the tiny spec beside it, and its artifact folders.
+
+    The folders are keyed by stage name, and 'assembled' for the assembled model.
+    """
+    data_dir, summary = trained_store
+    copy = copy_store(data_dir, tmp_path / "data")
+    folders = {
+        stage["name"]: copy / Path(stage["model_dir"]).parent.relative_to(data_dir)
+        for stage in summary["stages"]
+    }
+    folders["assembled"] = copy / Path(summary["model_dir"]).parent.relative_to(data_dir)
+    return copy, write_spec(tmp_path, tiny_spec()), folders
+
+
+def copy_store(source: Path, target: Path) -> Path:
+    """Copy a store with its files' modification times, so that quick verification trusts it."""
+    import shutil
+
+    shutil.copytree(source, target, copy_function=shutil.copy2)
+    return target
