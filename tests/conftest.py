@@ -38,18 +38,28 @@ def tiny_spec(**overrides) -> dict:
     return spec
 
 
+def diverging_spec() -> dict:
+    """Return the tiny stack with a middle stage whose loss becomes NaN in its second batch."""
+    spec = tiny_spec()
+    # Plain SGD with this learning rate overflows float32 weights in its first update.
+    spec["stages"][1].update(optimizer="sgd", learning_rate=1.0e20)
+    return spec
+
+
 def write_spec(folder: Path, spec: dict, name: str = "stack.yaml") -> Path:
     path = folder / name
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
 
-def run_cli(*arguments: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the installed `stackwise` command in a new process."""
+def run_cli(
+    *arguments: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run the installed `stackwise` command in a new process, in `env` or this process's environment."""
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *arguments],
         cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(PROJECT)},
+        env={**(env if env is not None else os.environ), "PYTHONPATH": str(PROJECT)},
     )
 
 
