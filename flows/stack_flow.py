@@ -17,7 +17,13 @@ from prefect.futures import PrefectFuture, as_completed  # noqa: E402
 from tasks.dataset import Dataset  # noqa: E402
 from tasks.errors import SpecError, StageFailed  # noqa: E402
 from tasks.plan import assembly_fingerprint, decide_stage  # noqa: E402
-from tasks.prefect_tasks import assemble_task, snapshot_task, stage_task, task_options  # noqa: E402
+from tasks.prefect_tasks import (  # noqa: E402
+    assemble_task,
+    publish_run_report,
+    snapshot_task,
+    stage_task,
+    task_options,
+)
 from tasks.spec import StackSpec, check_shapes, load_spec  # noqa: E402
 from tasks.store import Store  # noqa: E402
 from tasks.jobs import ParentRef, StageJob, dataset_parent  # noqa: E402
@@ -45,7 +51,10 @@ def stack_flow(spec_path: str, retrain: list[str] | None = None, data_dir: str =
 
     assembly = assemble(spec, dataset, store, stages)
 
-    return run_summary(spec, stages, assembly)
+    summary = run_summary(spec, stages, assembly)
+
+    publish_run_report(summary)
+    return summary
 
 
 def check_retrain_names(spec: StackSpec, retrain: list[str]) -> None:
@@ -107,13 +116,23 @@ def build_stages(spec: StackSpec, dataset: Dataset, store: Store, retrain: set[s
         except BaseException as exc:  # noqa: BLE001 - reported after the other branches finish.
             failures[name] = exc
             continue
+        manifest = store.lookup(Path(summary["folder"]))
+        if manifest is None:
+            failures[name] = StageFailed(
+                f"stage '{name}': its artifact {summary['folder']} is missing or damaged right "
+                "after the stage finished, so another process changed it; retry the flow run to rebuild it"
+            )
+            continue
         summaries[name] = _mark_cached(future, summary)
-        manifests[name] = store.lookup(Path(summary["folder"]))
+        manifests[name] = manifest
     if failures:
         first = next(iter(failures.values()))
         if isinstance(first, StageFailed):
             raise first
-        raise StageFailed(f"stage '{next(iter(failures))}' failed: {first}") from first
+        raise StageFailed(
+            f"stage '{next(iter(failures))}' failed: {type(first).__name__}: {first}. Fix the cause, "
+            "then retry the flow run; stages that finished keep their artifacts and are reused"
+        ) from first
     return {stage.name: {**summaries[stage.name], "manifest": manifests[stage.name]}
             for stage in spec.topological_order()}
 
@@ -176,4 +195,8 @@ def run_summary(spec: StackSpec, stages: dict[str, dict], assembly: dict) -> dic
         "assembly_status": assembly["status"],
         "model_dir": str(Path(assembly["folder"]) / "model"),
         "report": str(Path(assembly["folder"]) / "report.json"),
+        "curves": {
+            name: str(Path(assembly["folder"]) / relative)
+            for name, relative in report.get("curves", {}).items()
+        },
     }

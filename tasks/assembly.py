@@ -21,6 +21,7 @@ from tasks.errors import StageFailed
 from tasks.features import read_feature_file
 from tasks.fingerprint import library_versions
 from tasks.jobs import AssemblyJob
+from tasks.reporting import write_training_curves
 from tasks.store import Store
 
 __all__ = ["MAX_DIFFERENCE", "assemble_stack", "classification_metrics"]
@@ -81,6 +82,7 @@ def assemble_stack(job: AssemblyJob, emit=lambda event: None) -> dict[str, Any]:
                 "artifacts may be inconsistent, rerun with `--retrain` on the first stage"
             )
         metrics = classification_metrics(split_input.labels, probabilities, job.dataset["classes"])
+        curves = write_training_curves({stage["name"]: Path(stage["folder"]) for stage in job.stages}, staged)
         report = {
             "stack": job.stack,
             "fingerprint": job.fingerprint,
@@ -89,6 +91,8 @@ def assemble_stack(job: AssemblyJob, emit=lambda event: None) -> dict[str, Any]:
             "max_abs_difference": difference,
             "classes": job.dataset["classes"],
             "stages": [stage["name"] for stage in job.stages],
+            # Stage name to a PNG of its loss and accuracy per epoch, relative to the artifact.
+            "curves": curves,
         }
         (staged / "report.json").write_text(json.dumps(report, indent=2))
         emit({"event": "evaluated", "metrics": metrics})
