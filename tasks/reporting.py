@@ -64,11 +64,13 @@ def evaluation_table(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
 def run_summary_markdown(summary: dict[str, Any]) -> str:
     """Return a Markdown summary of a run: one table row per stage, then the evaluation.
 
-    `summary` is the flow's return value (see `flows.stack_flow.run_summary`).
+    `summary` is the flow's return value (see `flows.stack_flow.run_summary`). Curve
+    files inside the assembled artifact are shown relative to it, to keep rows short.
     """
     evaluation = summary["evaluation"]
     metrics = evaluation["metrics"]
     curves = summary.get("curves", {})
+    assembled = Path(summary["report"]).parent
     lines = [
         f"# Stack `{summary['stack']}`: {evaluation['split']} accuracy {metrics['accuracy']:.4f}",
         "",
@@ -76,7 +78,9 @@ def run_summary_markdown(summary: dict[str, Any]) -> str:
         "| --- | --- | --- | ---: | ---: | --- |",
     ]
     for stage in summary["stages"]:
-        curve = f"`{curves[stage['name']]}`" if stage["name"] in curves else "none"
+        curve = "none"
+        if stage["name"] in curves:
+            curve = f"`{_relative_to(curves[stage['name']], assembled)}`"
         lines.append(
             f"| {stage['name']} | {stage['status']} | `{stage['fingerprint'][:12]}` "
             f"| {stage['seconds']:.1f} | {stage['validation_accuracy']:.4f} | {curve} |"
@@ -86,12 +90,20 @@ def run_summary_markdown(summary: dict[str, Any]) -> str:
         f"Assembly: {summary['assembly_status']}. Macro F1 {metrics['macro_f1']:.4f}, "
         f"log loss {metrics['log_loss']:.4f} on {metrics.get('rows', '?')} {evaluation['split']} examples.",
         "",
+        f"- assembled artifact: `{assembled}`",
         f"- assembled model: `{summary['model_dir']}`",
         f"- report: `{summary['report']}`",
     ]
     if not curves:
         lines.append("- training curves: none; this assembled model was built before stackwise drew them")
     return "\n".join(lines) + "\n"
+
+
+def _relative_to(path: str, folder: Path) -> str:
+    try:
+        return Path(path).relative_to(folder).as_posix()
+    except ValueError:
+        return path
 
 
 def plot_training_curves(history: dict[str, list[float]], title: str, path: Path) -> None:
