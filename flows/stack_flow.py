@@ -37,8 +37,15 @@ DEFAULT_DATA_DIR = os.environ.get("STACKWISE_DATA_DIR", "data")
 def stack_flow(spec_path: str, retrain: list[str] | None = None, data_dir: str = DEFAULT_DATA_DIR) -> dict:
     """Train the stack described by the spec at `spec_path`, stage by stage.
 
-    `retrain` names stages to train again even if their artifacts exist; stages that
-    depend on them are retrained only if the new artifact differs.
+    Prefect shows the descriptions under Args in a deployment's run form.
+
+    Args:
+        spec_path: Path of the stack spec YAML file, such as stacks/digits.yaml.
+            A relative path is relative to the folder the flow runs in.
+        retrain: Names of stages to train again even if their artifacts exist.
+            A stage that depends on them trains again only if the new artifact differs.
+        data_dir: Folder of the artifact store (datasets, stages, assembled models
+            and Prefect's task results). Relative to the folder the flow runs in.
     """
     store = Store(data_dir)
     spec = load_spec(spec_path)
