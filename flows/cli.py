@@ -121,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _format_summary(summary: dict) -> str:
-    from tasks.evaluation import headline
+    from tasks.reporting import headline
 
     lines = [
         f"stack '{summary['stack']}': {headline(summary['evaluation'])}",

@@ -18,7 +18,13 @@ from tasks.dataset import Dataset, dataset_digest  # noqa: E402
 from tasks.errors import StageFailed  # noqa: E402
 from tasks.leases import Leases  # noqa: E402
 from tasks.plan import assembly_job, decide_stage  # noqa: E402
-from tasks.prefect_tasks import assemble_task, snapshot_task, stage_task, task_options  # noqa: E402
+from tasks.prefect_tasks import (  # noqa: E402
+    assemble_task,
+    publish_run_report,
+    snapshot_task,
+    stage_task,
+    task_options,
+)
 from tasks.spec import StackSpec, check_retrain_names, check_shapes, load_spec  # noqa: E402
 from tasks.store import Store  # noqa: E402
 from tasks.jobs import ParentRef, StageJob, dataset_parent  # noqa: E402
@@ -32,8 +38,15 @@ DEFAULT_DATA_DIR = default_data_dir()
 def stack_flow(spec_path: str, retrain: list[str] | None = None, data_dir: str = DEFAULT_DATA_DIR) -> dict:
     """Train the stack described by the spec at `spec_path`, stage by stage.
 
-    `retrain` names stages to train again even if their artifacts exist; stages that
-    depend on them are retrained only if the new artifact differs.
+    Prefect shows the descriptions under Args in a deployment's run form.
+
+    Args:
+        spec_path: Path of the stack spec YAML file, such as stacks/digits.yaml.
+            A relative path is relative to the folder the flow runs in.
+        retrain: Names of stages to train again even if their artifacts exist.
+            A stage that depends on them trains again only if the new artifact differs.
+        data_dir: Folder of the artifact store (datasets, stages, assembled models
+            and Prefect's task results). Relative to the folder the flow runs in.
     """
     store = Store(data_dir)
     spec = load_spec(spec_path)
@@ -49,7 +62,10 @@ def stack_flow(spec_path: str, retrain: list[str] | None = None, data_dir: str =
 
         assembly = assemble(spec, dataset, store, stages, shapes, leases)
 
-    return run_summary(spec, stages, assembly)
+    summary = run_summary(spec, stages, assembly)
+
+    publish_run_report(summary)
+    return summary
 
 
 def _submit_stage(
@@ -111,13 +127,23 @@ def build_stages(
         except BaseException as exc:  # noqa: BLE001 - reported after the other branches finish.
             failures[name] = exc
             continue
+        manifest = store.lookup(Path(summary["folder"]))
+        if manifest is None:
+            failures[name] = StageFailed(
+                f"stage '{name}': its artifact {summary['folder']} is missing or damaged right "
+                "after the stage finished, so another process changed it; retry the flow run to rebuild it"
+            )
+            continue
         summaries[name] = _mark_cached(future, summary)
-        manifests[name] = store.lookup(Path(summary["folder"]))
+        manifests[name] = manifest
     if failures:
         first = next(iter(failures.values()))
         if isinstance(first, StageFailed):
             raise first
-        raise StageFailed(f"stage '{next(iter(failures))}' failed: {first}") from first
+        raise StageFailed(
+            f"stage '{next(iter(failures))}' failed: {type(first).__name__}: {first}. Fix the cause, "
+            "then retry the flow run; stages that finished keep their artifacts and are reused"
+        ) from first
     return {stage.name: {**summaries[stage.name], "manifest": manifests[stage.name]}
             for stage in spec.topological_order()}
 
@@ -181,4 +207,8 @@ def run_summary(spec: StackSpec, stages: dict[str, dict], assembly: dict) -> dic
         "assembly_status": assembly["status"],
         "model_dir": str(Path(assembly["folder"]) / "model"),
         "report": str(Path(assembly["folder"]) / "report.json"),
+        "curves": {
+            name: str(Path(assembly["folder"]) / relative)
+            for name, relative in report.get("curves", {}).items()
+        },
     }

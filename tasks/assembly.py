@@ -33,6 +33,7 @@ from tasks.evaluation import anomaly_metrics, classification_metrics, pca_baseli
 from tasks.features import FeatureTable, read_feature_file
 from tasks.fingerprint import library_versions
 from tasks.jobs import AssemblyJob
+from tasks.reporting import write_training_curves
 from tasks.store import Store
 from tasks.training import merge_features
 
@@ -289,6 +290,7 @@ def assemble_stack(job: AssemblyJob, emit=lambda event: None) -> dict[str, Any]:
             report = _assemble_anomaly(job, staged, emit)
         else:
             report = _assemble_classifier(job, staged, emit)
+        curves = write_training_curves({stage["name"]: Path(stage["folder"]) for stage in job.stages}, staged)
         report = {
             "stack": job.stack,
             "fingerprint": job.fingerprint,
@@ -297,6 +299,8 @@ def assemble_stack(job: AssemblyJob, emit=lambda event: None) -> dict[str, Any]:
             **report,
             "classes": job.dataset["classes"],
             "stages": _stage_quality(job),
+            # Stage name to a PNG of its loss and accuracy per epoch, relative to the artifact.
+            "curves": curves,
         }
         (staged / "report.json").write_text(json.dumps(report, indent=2))
         manifest = {

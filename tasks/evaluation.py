@@ -16,9 +16,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-__all__ = [
-    "anomaly_metrics", "choose_threshold", "classification_metrics", "headline", "pca_baseline_scores",
-]
+__all__ = ["anomaly_metrics", "choose_threshold", "classification_metrics", "pca_baseline_scores"]
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:
@@ -81,19 +79,3 @@ def pca_baseline_scores(normal_train: np.ndarray, splits: dict[str, np.ndarray],
         scores[name] = ((values - reconstructed) ** 2).mean(axis=1)
     return scores
 
-
-def headline(report: dict) -> str:
-    """Return one line with the report's main metrics, and the baseline's beside them."""
-    metrics, split = report["metrics"], report["split"]
-    if report.get("task") == "anomaly":
-        line = f"{split} ROC AUC {metrics['roc_auc']:.4f}, PR AUC {metrics['pr_auc']:.4f}, F1 {metrics['f1']:.4f}"
-        baseline = report.get("baseline")
-        if baseline:
-            line += f" (PCA baseline ROC AUC {baseline['metrics']['roc_auc']:.4f})"
-        return line
-    line = f"{split} accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, log loss {metrics['log_loss']:.4f}"
-    if "fine_tune" in report:
-        line += f" (before fine-tuning {report['fine_tune']['before']['accuracy']:.4f})"
-    if "baseline" in report:
-        line += f"; end-to-end baseline accuracy {report['baseline']['metrics']['accuracy']:.4f}"
-    return line

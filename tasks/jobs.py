@@ -6,9 +6,11 @@ They import nothing heavy, so the flow builds them without loading TensorFlow.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tasks.dataset import SPLITS, Dataset
+from tasks.errors import StageFailed
 
 __all__ = ["AssemblyJob", "ParentRef", "StageJob", "dataset_parent"]
 
@@ -44,6 +46,19 @@ class StageJob:
     def from_dict(cls, value: dict[str, Any]) -> StageJob:
         parents = [ParentRef(**parent) for parent in value["parents"]]
         return cls(**{**value, "parents": parents})
+
+    def check_inputs(self) -> None:
+        """Raise StageFailed if a feature file that the stage reads does not exist."""
+        for parent in self.parents:
+            for relative in parent.feature_files.values():
+                path = Path(parent.folder) / relative
+                if not path.is_file():
+                    raise StageFailed(
+                        f"stage '{self.stage['name']}': input feature file {path} of parent "
+                        f"'{parent.name}' is missing, so that artifact was deleted or moved during "
+                        "the run; retry the flow run or run again, and stackwise rebuilds the "
+                        "parent before this stage"
+                    )
 
 
 def dataset_parent(dataset: Dataset) -> ParentRef:

@@ -16,18 +16,32 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import CachePolicy
 from prefect.transactions import IsolationLevel
 
 from tasks.dataset import Dataset, snapshot_dataset
-from tasks.evaluation import headline
+from tasks.reporting import headline
 from tasks.locks import ProcessLockManager
+from tasks.jobs import StageJob
+from tasks.reporting import artifact_key, epoch_progress, evaluation_table, run_summary_markdown
 from tasks.spec import StackSpec
 from tasks.stage_process import run_job
 from tasks.store import Store
 
-__all__ = ["FingerprintPolicy", "assemble_task", "snapshot_task", "stage_task", "task_options"]
+__all__ = [
+    "FingerprintPolicy",
+    "assemble_task",
+    "publish_run_report",
+    "snapshot_task",
+    "stage_task",
+    "task_options",
+]
 
 
 @dataclass
@@ -55,6 +69,11 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
 
 
+def _log_stderr(logger, label: str, event: dict[str, Any]) -> None:
+    if event["event"] == "stderr" and event["lines"]:
+        logger.error("%s: last lines of the process's standard error:\n%s", label, "\n".join(event["lines"]))
+
+
 class _TrainingProgress:
     """Relay a stage process's events to the task log and a progress artifact."""
 
@@ -66,11 +85,12 @@ class _TrainingProgress:
         )
 
     def __call__(self, event: dict[str, Any]) -> None:
+        _log_stderr(self.logger, f"stage {self.stage}", event)
         if event["event"] != "epoch":
             return
         logs = ", ".join(f"{key}={value:.4f}" for key, value in sorted(event["logs"].items()))
         self.logger.info("stage %s epoch %d/%d: %s", self.stage, event["epoch"], event["epochs"], logs)
-        update_progress_artifact(self.artifact_id, progress=100.0 * event["epoch"] / event["epochs"])
+        update_progress_artifact(self.artifact_id, progress=epoch_progress(event["epoch"], event["epochs"]))
 
     def finish(self) -> None:
         update_progress_artifact(self.artifact_id, progress=100.0)
@@ -108,6 +128,7 @@ def stage_task(stage_name: str, fingerprint: str, job: dict[str, Any]) -> dict[s
             logger.info("stage %s: reusing artifact %s", stage_name, folder)
             return _summary(manifest, folder, "cached", started, begun)
 
+    StageJob.from_dict(job).check_inputs()
     logger.info("stage %s: training, fingerprint %s", stage_name, fingerprint[:12])
     progress = _TrainingProgress(stage_name)
     manifest = run_job("train", job, f"stage '{stage_name}'", on_event=progress)
@@ -131,7 +152,8 @@ def assemble_task(fingerprint: str, job: dict[str, Any]) -> dict[str, Any]:
     manifest = store.lookup(folder)
     status = "cached"
     if manifest is None:
-        manifest = run_job("assemble", job, f"assembly of stack '{job['stack']}'")
+        label = f"assembly of stack '{job['stack']}'"
+        manifest = run_job("assemble", job, label, on_event=lambda event: _log_stderr(logger, label, event))
         status = "trained"
     logger.info("stack %s: %s", job["stack"], headline(manifest["report"]))
     return {
@@ -143,3 +165,17 @@ def assemble_task(fingerprint: str, job: dict[str, Any]) -> dict[str, Any]:
         "finished_at": _now(),
         "seconds": round(time.time() - begun, 3),
     }
+
+
+def publish_run_report(summary: dict[str, Any]) -> None:
+    """Publish the run's evaluation table and Markdown summary as artifacts of the flow run."""
+    create_table_artifact(
+        evaluation_table(summary["evaluation"]),
+        key=artifact_key(summary["stack"], "evaluation"),
+        description=f"Evaluation of the assembled stack '{summary['stack']}'",
+    )
+    create_markdown_artifact(
+        run_summary_markdown(summary),
+        key=artifact_key(summary["stack"], "run-summary"),
+        description=f"Stages of stack '{summary['stack']}' in this run: trained or cached",
+    )

@@ -65,6 +65,8 @@ def run_job(
 ) -> dict[str, Any]:
     """Run `action` ("train" or "assemble") on `job` in a child process; return its result.
 
+    `on_event` receives every progress event. When the child fails without a message of
+    its own, it also receives a `stderr` event with the last lines of standard error.
     Raises StageFailed with the child's own message, or with the end of its standard
     error if it died without one (for example when the kernel killed it for memory).
     """
@@ -88,6 +90,9 @@ def run_job(
         reader.join(timeout=5)
     finally:
         os.unlink(handle.name)
+    if not (outcome and (outcome["event"] == "result" or outcome.get("expected"))):
+        # An unexpected failure: hand the traceback to the caller's log before raising.
+        on_event({"event": "stderr", "lines": list(stderr_tail)})
     return _result_or_raise(outcome, process.returncode, stderr_tail, label)
 
 
@@ -127,7 +132,10 @@ def _result_or_raise(outcome, returncode: int, stderr_tail, label: str) -> dict[
         if outcome.get("expected"):
             raise StageFailed(outcome["message"])
         last = " | ".join(list(stderr_tail)[-3:])
-        raise StageFailed(f"{label} failed: {outcome['message']} ({last})")
+        raise StageFailed(
+            f"{label} failed: {outcome['message']} ({last}). The log above shows the end of the "
+            "training process's traceback; fix its cause, then run again or retry the flow run"
+        )
     if returncode < 0:
         name = signal.Signals(-returncode).name
         hint = " (the kernel kills processes this way when memory runs out)" if name == "SIGKILL" else ""
@@ -136,7 +144,10 @@ def _result_or_raise(outcome, returncode: int, stderr_tail, label: str) -> dict[
             "lower the batch size or the data size, then run again"
         )
     last = " | ".join(list(stderr_tail)[-5:])
-    raise StageFailed(f"{label}: the training process exited with code {returncode}: {last}")
+    raise StageFailed(
+        f"{label}: the training process exited with code {returncode}: {last}. Fix the cause "
+        "that the log above shows, then run again or retry the flow run"
+    )
 
 
 def _ran_out_of_memory(outcome, returncode: int, stderr_tail, limit: int | None) -> bool:

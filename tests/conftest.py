@@ -38,6 +38,14 @@ def tiny_spec(**overrides) -> dict:
     return spec
 
 
+def diverging_spec() -> dict:
+    """Return the tiny stack with a middle stage whose loss becomes NaN in its second batch."""
+    spec = tiny_spec()
+    # Plain SGD with this learning rate overflows float32 weights in its first update.
+    spec["stages"][1].update(optimizer="sgd", learning_rate=1.0e20)
+    return spec
+
+
 def write_spec(folder: Path, spec: dict, name: str = "stack.yaml") -> Path:
     path = folder / name
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
