@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import yaml
 
 from flows.stack_flow import stack_flow
 from tasks.errors import SpecError
 from tasks.spec import check_shapes, parse_spec
-from tests.conftest import PROJECT, tiny_spec, write_spec
+from tests.conftest import tiny_spec, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -152,33 +149,3 @@ def test_fine_tune_and_baseline_leave_stages_intact(tmp_path, prefect_server):
     assert 0.0 <= report["baseline"]["metrics"]["accuracy"] <= 1.0
     assert [stage["validation_accuracy"] is not None for stage in report["stages"]] == [True] * 3
     assert (Path(summary["model_dir"]).parent / "stagewise").is_dir()
-
-
-EXAMPLES = sorted(path.name for path in (PROJECT / "stacks").glob("*.yaml") if not path.name.startswith("."))
-
-
-def shrink(spec: dict) -> dict:
-    """Return the example with at most 2 epochs per stage and 1 of fine-tuning, for CI."""
-    spec = copy.deepcopy(spec)
-    spec.setdefault("defaults", {})["epochs"] = 2
-    for stage in spec["stages"]:
-        if "epochs" in stage:
-            stage["epochs"] = 2
-    if spec.get("fine_tune"):
-        spec["fine_tune"]["epochs"] = 1
-    return spec
-
-
-@pytest.mark.parametrize("example", EXAMPLES)
-def test_example_stack_runs(example, tmp_path, prefect_server):
-    raw = yaml.safe_load((PROJECT / "stacks" / example).read_text())
-    # Relative paths in an example stay relative to the stacks folder.
-    spec_path = write_spec(PROJECT / "stacks", shrink(raw), name=f".ci-{example}")
-    try:
-        summary = stack_flow(str(spec_path), data_dir=str(tmp_path / "data"))
-    finally:
-        spec_path.unlink()
-    assert {stage["status"] for stage in summary["stages"]} == {"trained"}
-    report = json.loads(Path(summary["report"]).read_text())
-    assert report["max_abs_difference"] < 1e-4
-    assert np.isfinite(list(v for v in report["metrics"].values() if isinstance(v, float))).all()
