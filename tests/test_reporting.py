@@ -81,18 +81,18 @@ def test_evaluation_table_rows():
 def test_summary_lists_each_stage():
     curves = {"hidden_1": "/store/assembled/digits/cf12/curves/hidden_1.png", "head": "/elsewhere/head.png"}
     text = run_summary_markdown(summary(curves))
-    assert text.startswith("# Stack `digits`: test accuracy 0.9694\n")
-    assert "| hidden_1 | cached | `67a27849efc4` | 0.0 | 0.9611 | `curves/hidden_1.png` |" in text
-    assert "| head | trained | `ab13ed1c95ca` | 11.7 | 0.9556 | `/elsewhere/head.png` |" in text
+    assert text.startswith("# Stack `digits`: test accuracy 0.9694, macro F1 0.9698, log loss 0.1540\n")
+    assert "| hidden_1 | cached | `67a27849efc4` | 0.0 | accuracy 0.9611 | `curves/hidden_1.png` |" in text
+    assert "| head | trained | `ab13ed1c95ca` | 11.7 | accuracy 0.9556 | `/elsewhere/head.png` |" in text
     assert "- assembled artifact: `/store/assembled/digits/cf12`" in text
-    assert "Assembly: trained. Macro F1 0.9698, log loss 0.1540 on 360 test examples." in text
+    assert "Assembly: trained, on 360 test examples." in text
     assert "- report: `/store/assembled/digits/cf12/report.json`" in text
     assert "training curves: none" not in text
 
 
 def test_summary_without_curves_says_so():
     text = run_summary_markdown(summary())
-    assert "| hidden_1 | cached | `67a27849efc4` | 0.0 | 0.9611 | none |" in text
+    assert "| hidden_1 | cached | `67a27849efc4` | 0.0 | accuracy 0.9611 | none |" in text
     assert "- training curves: none; this assembled model was built before stackwise drew them" in text
 
 
