@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 # About 32 MiB of feature values per row group: large enough for fast sequential
-# reads, small enough that a streaming reader holds little in memory.
+# reads, small enough that a streaming reader keeps little in memory.
 ROW_GROUP_BYTES = 32 << 20
 METADATA_KEY = b"stackwise"
 
@@ -58,7 +58,7 @@ def _schema(shape: tuple[int, ...], metadata: dict[str, str]) -> pa.Schema:
 
 
 class FeatureFileWriter:
-    """Write a feature file batch by batch; each row group holds about `row_group_bytes`.
+    """Write a feature file batch by batch; each row group has about `row_group_bytes` of values.
 
     Use as a context manager. Rows are buffered until a row group is full, so memory
     stays bounded by the row group size whatever the file's total size.

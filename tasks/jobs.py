@@ -17,7 +17,7 @@ __all__ = ["AssemblyJob", "ParentRef", "StageJob", "dataset_parent"]
 
 @dataclass(frozen=True)
 class ParentRef:
-    """Where a stage reads one parent's outputs: a stage artifact, or the dataset snapshot."""
+    """Reference to one parent's outputs: a stage artifact, or the dataset snapshot."""
 
     name: str
     folder: str

@@ -234,9 +234,9 @@ class EvaluationSpec(SpecModel):
     """How the assembled model is evaluated, and on which split.
 
     `classification` scores the head's predicted classes. `anomaly` scores each
-    example by the stack's reconstruction error: rows whose label is in
-    `normal_classes` are normal, all others anomalies; the threshold is chosen on
-    the validation split.
+    example by the stack's reconstruction error. Rows whose label is in
+    `normal_classes` are normal and all others are anomalies. The threshold is
+    chosen on the validation split.
     """
 
     split: Literal["test", "validation"] = "test"
