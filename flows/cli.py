@@ -60,10 +60,12 @@ def _preflight(spec_path: str, retrain: list[str], data_dir: str):
     from tasks.dataset import snapshot_dataset
     from tasks.plan import normal_class_indices
     from tasks.spec import check_retrain_names, check_shapes, load_spec
+    from tasks.stage_input import memory_budget_bytes
     from tasks.stage_process import memory_limit_mb
     from tasks.store import Store
 
     memory_limit_mb()
+    memory_budget_bytes()
     spec = load_spec(spec_path)
     check_retrain_names(spec, retrain)
     store = Store(data_dir)

@@ -35,7 +35,7 @@ from tasks.fingerprint import library_versions
 from tasks.jobs import AssemblyJob
 from tasks.reporting import write_training_curves
 from tasks.store import Store
-from tasks.training import merge_features
+from tasks.stage_input import merge_features
 
 __all__ = ["MAX_DIFFERENCE", "assemble_stack", "compose"]
 

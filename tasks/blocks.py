@@ -54,15 +54,24 @@ def _keras_layer(spec: LayerSpec, index: int, prefix: str) -> keras.layers.Layer
     return getattr(keras.layers, spec.layer)(name=name, **arguments)
 
 
+TrainInputs = np.ndarray | tf.data.Dataset | None
+
+
 def _apply_layers(
-    specs: list[LayerSpec], tensor, model_input, train_inputs: np.ndarray | None, prefix: str, first: int = 0
+    specs: list[LayerSpec], tensor, model_input, train_inputs: TrainInputs, prefix: str, first: int = 0
 ):
-    """Apply layer entries to `tensor`, adapting each Normalization layer to the data reaching it."""
+    """Apply layer entries to `tensor`, adapting each Normalization layer to the data reaching it.
+
+    `train_inputs` is the model input's training data: an array, or a dataset of
+    batches that is read batch by batch.
+    """
     for index, spec in enumerate(specs, start=first):
         layer = _keras_layer(spec, index, prefix)
         if spec.layer == "Normalization":
-            reaching = keras.Model(model_input, tensor).predict(train_inputs, batch_size=PREDICT_BATCH, verbose=0)
-            layer.adapt(reaching)
+            if isinstance(train_inputs, np.ndarray):
+                train_inputs = tf.data.Dataset.from_tensor_slices(train_inputs).batch(PREDICT_BATCH)
+            reaching = keras.Model(model_input, tensor)
+            layer.adapt(train_inputs.map(lambda batch: reaching(batch, training=False)))
         tensor = layer(tensor)
     return tensor
 
@@ -71,7 +80,7 @@ def build_block(
     name: str,
     input_shape: tuple[int, ...],
     layers: list[dict[str, Any] | LayerSpec],
-    train_inputs: np.ndarray | None = None,
+    train_inputs: TrainInputs = None,
 ) -> keras.Model:
     """Build a stage's block as a functional model from its layer entries.
 
@@ -99,7 +108,7 @@ def build_autoencoder(
     layers: list[dict[str, Any] | LayerSpec],
     decoder_layers: list[dict[str, Any] | LayerSpec],
     noise: float,
-    train_inputs: np.ndarray,
+    train_inputs: TrainInputs,
 ) -> AutoencoderParts:
     """Build an autoencoder whose encoder is the stage's layers and whose decoder mirrors nothing.
 
@@ -146,7 +155,7 @@ MERGE_LAYERS = {
 
 
 def merge_tensors(tensors: list, merge: str, name: str):
-    """Combine parents' outputs in a Keras graph exactly as `training.merge_features` does."""
+    """Combine parents' outputs in a Keras graph exactly as `stage_input.merge_features` does."""
     if merge == "concat":
         flat = [keras.layers.Flatten(name=f"{name}_flatten_{i}")(t) for i, t in enumerate(tensors)]
         return keras.layers.Concatenate(name=f"{name}_merge")(flat)

@@ -230,7 +230,10 @@ def _split(spec: StackSpec, labels: np.ndarray, classes: list[str]) -> dict[str,
             f"validation {settings.validation}: {exc}; use more rows, smaller fractions, or "
             "stratify: false"
         ) from None
-    splits = {"train": np.sort(train), "validation": np.sort(validation), "test": np.sort(test)}
+    # Training rows keep the split's seeded random order. Training shuffles a large
+    # input window by window, which only mixes well when no window holds rows of one
+    # class or one period of time.
+    splits = {"train": train, "validation": np.sort(validation), "test": np.sort(test)}
     for name, indices in splits.items():
         if len(indices) == 0:
             raise DataError(f"data.split: the {name} split is empty; use more rows or a larger fraction")

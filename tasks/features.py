@@ -24,6 +24,7 @@ __all__ = [
     "iter_feature_batches",
     "read_feature_file",
     "read_feature_metadata",
+    "read_row_groups",
     "write_feature_file",
 ]
 
@@ -43,6 +44,10 @@ class FeatureTable:
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
+
+    def select(self, rows: slice | np.ndarray) -> FeatureTable:
+        """Return the rows picked by a slice, an index array or a boolean mask."""
+        return FeatureTable(self.features[rows], self.labels[rows], self.row_ids[rows])
 
 
 def _schema(shape: tuple[int, ...], metadata: dict[str, str]) -> pa.Schema:
@@ -176,6 +181,11 @@ def iter_feature_batches(path: Path) -> Iterator[FeatureTable]:
     parquet = pq.ParquetFile(path)
     for index in range(parquet.num_row_groups):
         yield _table_to_features(parquet.read_row_group(index))
+
+
+def read_row_groups(parquet_file: pq.ParquetFile, indices: list[int]) -> FeatureTable:
+    """Read some row groups of an open feature file."""
+    return _table_to_features(parquet_file.read_row_groups(indices))
 
 
 def read_feature_metadata(path: Path) -> dict[str, object]:

@@ -23,7 +23,7 @@ __all__ = [
 # every fingerprint, so artifacts built by older code are never reused.
 TRAINING_CODE = (
     "blocks.py", "training.py", "features.py", "assembly.py", "dataset.py", "evaluation.py",
-    "pretrained.py",
+    "pretrained.py", "stage_input.py",
 )
 LIBRARIES = ("tensorflow-cpu", "tensorflow", "keras", "numpy", "pyarrow", "scikit-learn")
 CHUNK_BYTES = 1 << 20

@@ -30,7 +30,8 @@ from tasks.errors import StageFailed
 from tasks.features import FeatureTable, read_feature_file
 from tasks.jobs import StageJob
 from tasks.store import Store
-from tasks.training import _extract_features, load_stage_inputs, stage_manifest
+from tasks.stage_input import open_stage_inputs
+from tasks.training import _extract_features, stage_manifest
 
 __all__ = [
     "adapted_input",
@@ -152,12 +153,12 @@ def build_pretrained_stage(job: StageJob, emit: EventSink = lambda event: None) 
     # Nothing here draws random numbers; deterministic kernels keep the features reproducible.
     configure_determinism(0)
     _check_base_unchanged(job, path)
-    inputs = {split: load_stage_inputs(job.parents, split) for split in SPLITS}
+    inputs = open_stage_inputs(job.parents, SPLITS)
     emit({"event": "start", "stage": stage["name"], "epochs": 0})
 
     base = load_base(stage["base"], path, stage["name"])
     model = build_pretrained_model(
-        stage["name"], inputs["train"].features.shape[1:], stage["adapters"], base
+        stage["name"], inputs["train"].shape, stage["adapters"], base
     )
 
     store = Store(job.store_root)

@@ -7,7 +7,9 @@ memory and global state stay inside that process.
 
 from __future__ import annotations
 
+import itertools
 import math
+import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from tasks.blocks import (
+    PREDICT_BATCH,
     build_autoencoder,
     build_block,
     classifier,
@@ -24,51 +27,46 @@ from tasks.blocks import (
     load_frozen_stage,
     make_optimizer,
     predict_in_batches,
+    tf,
 )
 from tasks.dataset import SPLITS
 from tasks.errors import StageFailed
-from tasks.features import FeatureFileWriter, FeatureTable, read_feature_file
+from tasks.features import FeatureFileWriter
 from tasks.fingerprint import digest_file, digest_json, library_versions
-from tasks.jobs import ParentRef, StageJob
+from tasks.jobs import StageJob
+from tasks.stage_input import StageInput, open_stage_inputs
 from tasks.store import Store
 
-__all__ = ["load_stage_inputs", "merge_features", "stage_manifest", "train_stage", "weights_digest"]
+__all__ = ["batches", "stage_manifest", "train_stage", "weights_digest"]
 
 EventSink = Callable[[dict[str, Any]], None]
 
 
-MERGES = {
-    "add": lambda arrays: np.sum(arrays, axis=0, dtype=np.float32),
-    "average": lambda arrays: np.mean(arrays, axis=0, dtype=np.float32),
-    "maximum": lambda arrays: np.max(arrays, axis=0),
-    "multiply": lambda arrays: np.prod(arrays, axis=0, dtype=np.float32),
-}
+def batches(
+    source: StageInput,
+    batch_size: int,
+    seed: int | None = None,
+    classes: list[int] | None = None,
+) -> tf.data.Dataset:
+    """Return a dataset of (features, labels) batches read window by window from `source`.
 
-
-def merge_features(arrays: list[np.ndarray], merge: str) -> np.ndarray:
-    """Combine several parents' features per example, as the assembled model's merge layer does."""
-    if merge == "concat":
-        return np.concatenate([array.reshape(len(array), -1) for array in arrays], axis=1)
-    return MERGES[merge](np.stack(arrays)).astype(np.float32)
-
-
-def load_stage_inputs(parents: list[ParentRef], split: str, merge: str = "concat") -> FeatureTable:
-    """Read a stage's input for one split: one parent's features, or several merged.
-
-    Several parents are merged per example in the listed order (see `merge_features`);
-    their row ids must agree.
+    With `seed`, every pass over the dataset (every epoch) visits the rows in a new
+    order drawn from (seed, pass number). Batches do not cross windows, so they are
+    the same whether `source` is in memory or streamed.
     """
-    tables = [read_feature_file(Path(ref.folder) / ref.feature_files[split]) for ref in parents]
-    if len(tables) == 1:
-        return tables[0]
-    for ref, table in zip(parents[1:], tables[1:]):
-        if not np.array_equal(table.row_ids, tables[0].row_ids):
-            raise StageFailed(
-                f"parent '{ref.name}' feature file for split '{split}' has rows in another order "
-                f"than parent '{parents[0].name}'; rebuild both with `stackwise run --retrain`"
-            )
-    features = merge_features([table.features for table in tables], merge)
-    return FeatureTable(features, tables[0].labels, tables[0].row_ids)
+    passes = itertools.count()
+
+    def windows():
+        rng = None if seed is None else np.random.default_rng([seed, next(passes)])
+        for table in source.windows(rng, classes):
+            yield table.features, table.labels
+
+    signature = (tf.TensorSpec((None, *source.shape), tf.float32), tf.TensorSpec((None,), tf.int64))
+    dataset = tf.data.Dataset.from_generator(windows, output_signature=signature)
+    dataset = dataset.flat_map(lambda x, y: tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size))
+    # A known length lets Keras end every epoch without probing for the end of the data.
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(source.count_batches(batch_size, classes)))
+    return dataset.prefetch(2)
 
 
 class _EpochReporter(keras.callbacks.Callback):
@@ -99,11 +97,11 @@ class _EpochReporter(keras.callbacks.Callback):
 def _fit(
     job: StageJob,
     model: keras.Model,
-    data: dict[str, tuple[np.ndarray, np.ndarray]],
+    data: dict[str, tf.data.Dataset],
     emit: EventSink,
     loss: str = "sparse_categorical_crossentropy",
 ) -> dict:
-    """Train `model` on data["train"] = (inputs, targets), validating on data["validation"]."""
+    """Train `model` on the batches data["train"], validating on data["validation"]."""
     training = job.stage["training"]
     classifying = loss == "sparse_categorical_crossentropy"
     model.compile(
@@ -116,18 +114,15 @@ def _fit(
     ]
     if training["early_stopping"]:
         callbacks.append(keras.callbacks.EarlyStopping(**training["early_stopping"]))
+    started = time.perf_counter()
     history = model.fit(
-        *data["train"],
-        validation_data=data["validation"],
-        epochs=training["epochs"],
-        batch_size=training["batch_size"],
-        shuffle=True,
-        callbacks=callbacks,
-        verbose=0,
+        data["train"], validation_data=data["validation"], epochs=training["epochs"],
+        shuffle=False, callbacks=callbacks, verbose=0,
     )
-    evaluated = model.evaluate(*data["validation"], verbose=0, batch_size=training["batch_size"],
-                               return_dict=True)
+    train_seconds = time.perf_counter() - started
+    evaluated = model.evaluate(data["validation"], verbose=0, return_dict=True)
     return {
+        "train_seconds": round(train_seconds, 3),
         "history": {key: [float(v) for v in values] for key, values in history.history.items()},
         "epochs_run": len(history.history.get("loss", [])),
         "validation_loss": float(evaluated["loss"]),
@@ -136,21 +131,23 @@ def _fit(
 
 
 def _extract_features(
-    model_dir: Path, job: StageJob, inputs: dict[str, FeatureTable], features_dir: Path
+    model_dir: Path, job: StageJob, inputs: dict[str, StageInput], features_dir: Path
 ) -> dict[str, dict[str, Any]]:
-    """Run the exported SavedModel, loaded back from disk, over every split."""
+    """Run the exported SavedModel, loaded back from disk, over every split, window by window."""
     frozen = load_frozen_stage(model_dir, job.stage["name"])
     features_dir.mkdir()
     written = {}
-    for split, table in inputs.items():
+    for split, source in inputs.items():
         path = features_dir / f"{split}.parquet"
         metadata = {"stage": job.stage["name"], "fingerprint": job.fingerprint, "split": split}
         writer = None
-        for start, outputs in zip(range(0, len(table), 1024), predict_in_batches(frozen, table.features)):
-            if writer is None:
-                writer = FeatureFileWriter(path, outputs.shape[1:], metadata)
-            stop = start + len(outputs)
-            writer.write(outputs, table.labels[start:stop], table.row_ids[start:stop])
+        for table in source.windows():
+            for start, outputs in zip(range(0, len(table), PREDICT_BATCH),
+                                      predict_in_batches(frozen, table.features)):
+                if writer is None:
+                    writer = FeatureFileWriter(path, outputs.shape[1:], metadata)
+                stop = start + len(outputs)
+                writer.write(outputs, table.labels[start:stop], table.row_ids[start:stop])
         writer.close()
         written[split] = {"file": f"features/{split}.parquet", "rows": writer.rows_written,
                           "shape": list(writer.shape)}
@@ -168,48 +165,53 @@ def weights_digest(folder: Path, saved_models: list[str]) -> str:
     return digest_json(digests)
 
 
-def _train_classifier(job: StageJob, inputs: dict[str, FeatureTable], emit: EventSink):
+def _train_classifier(job: StageJob, inputs: dict[str, StageInput], emit: EventSink):
     """Train a supervised or head stage; return the model to freeze, extra models, metrics.
 
     A supervised stage trains its block under a temporary softmax head that is
     dropped before export. A head stage keeps its softmax layer: its outputs are
     the class probabilities.
     """
-    stage = job.stage
-    block = build_block(stage["name"], inputs["train"].features.shape[1:], stage["layers"],
-                        train_inputs=inputs["train"].features)
+    stage, training = job.stage, job.stage["training"]
+    block = build_block(stage["name"], inputs["train"].shape, stage["layers"],
+                        train_inputs=_unlabelled(batches(inputs["train"], PREDICT_BATCH)))
     trained = classifier(block, len(job.dataset["classes"]), name=f"{stage['name']}_classifier")
-    data = {split: (inputs[split].features, inputs[split].labels) for split in ("train", "validation")}
+    data = {
+        "train": batches(inputs["train"], training["batch_size"], seed=training["seed"]),
+        "validation": batches(inputs["validation"], training["batch_size"]),
+    }
     metrics = _fit(job, trained, data, emit)
     return (trained if stage["objective"] == "head" else block), {}, metrics
 
 
-def _train_autoencoder(job: StageJob, inputs: dict[str, FeatureTable], emit: EventSink):
+def _train_autoencoder(job: StageJob, inputs: dict[str, StageInput], emit: EventSink):
     """Train an autoencoder stage; return the encoder to freeze, its decoder and target model, metrics.
 
     The reconstruction target is the stage's input after its leading Rescaling or
     Normalization layers. With `noise` > 0, Gaussian noise is added to that input
     while training only (a denoising autoencoder).
     """
-    stage = job.stage
-    selected = {split: _rows_of_classes(inputs[split], stage.get("train_classes")) for split in inputs}
+    stage, training = job.stage, job.stage["training"]
+    classes = stage.get("train_classes")
     parts = build_autoencoder(
-        stage["name"], inputs["train"].features.shape[1:], stage["layers"], stage["decoder"],
-        stage["noise"], train_inputs=selected["train"].features,
+        stage["name"], inputs["train"].shape, stage["layers"], stage["decoder"], stage["noise"],
+        train_inputs=_unlabelled(batches(inputs["train"], PREDICT_BATCH, classes=classes)),
     )
-    targets = {split: parts.target.predict(selected[split].features, batch_size=1024, verbose=0)
-               for split in ("train", "validation")}
-    data = {split: (selected[split].features, targets[split]) for split in ("train", "validation")}
+
+    def with_targets(dataset: tf.data.Dataset) -> tf.data.Dataset:
+        return dataset.map(lambda x, y: (x, parts.target(x, training=False)))
+
+    data = {
+        "train": with_targets(batches(inputs["train"], training["batch_size"], training["seed"], classes)),
+        "validation": with_targets(batches(inputs["validation"], training["batch_size"], classes=classes)),
+    }
     metrics = _fit(job, parts.autoencoder, data, emit, loss="mean_squared_error")
-    metrics["trained_rows"] = int(len(selected["train"]))
+    metrics["trained_rows"] = inputs["train"].count_rows(classes)
     return parts.encoder, {"decoder": parts.decoder, "target": parts.target}, metrics
 
 
-def _rows_of_classes(table: FeatureTable, classes: list[int] | None) -> FeatureTable:
-    if classes is None:
-        return table
-    keep = np.isin(table.labels, classes)
-    return FeatureTable(table.features[keep], table.labels[keep], table.row_ids[keep])
+def _unlabelled(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    return dataset.map(lambda x, y: x)
 
 
 TRAINERS = {
@@ -234,10 +236,11 @@ def train_stage(job: StageJob, emit: EventSink = lambda event: None) -> dict[str
     store = Store(job.store_root)
     stage = job.stage
     configure_determinism(stage["training"]["seed"])
-    inputs = {split: load_stage_inputs(job.parents, split, stage["merge"]) for split in SPLITS}
+    inputs = open_stage_inputs(job.parents, SPLITS, stage["merge"])
 
     emit({"event": "start", "stage": stage["name"], "epochs": stage["training"]["epochs"]})
     frozen, extra_models, metrics = TRAINERS[stage["objective"]](job, inputs, emit)
+    metrics["input"] = "stream" if inputs["train"].stream else "memory"
     for model in (frozen, *extra_models.values()):
         model.trainable = False
 
@@ -248,8 +251,14 @@ def train_stage(job: StageJob, emit: EventSink = lambda event: None) -> dict[str
         for name, model in extra_models.items():
             model.export(str(staged / name), format="tf_saved_model", verbose=False)
         features = _extract_features(staged / "model", job, inputs, staged / "features")
+        metrics["peak_rss_mb"] = peak_rss_mb()
         manifest = stage_manifest(job, staged, features, metrics, started, ["model", *extra_models])
         return store.publish(staged, target, manifest, replace=job.force)
+
+
+def peak_rss_mb() -> float:
+    """Return this process's peak resident memory so far, in megabytes (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def stage_manifest(
