@@ -17,7 +17,7 @@ from tasks.bases import pretrained_job_extra  # noqa: E402
 from tasks.dataset import Dataset, dataset_digest  # noqa: E402
 from tasks.errors import StageFailed  # noqa: E402
 from tasks.leases import Leases  # noqa: E402
-from tasks.plan import assembly_job, decide_stage  # noqa: E402
+from tasks.plan import assembly_job, decide_stage, plan_stack  # noqa: E402
 from tasks.prefect_tasks import (  # noqa: E402
     assemble_task,
     publish_run_report,
@@ -26,6 +26,7 @@ from tasks.prefect_tasks import (  # noqa: E402
     task_options,
 )
 from tasks.spec import StackSpec, check_retrain_names, check_shapes, load_spec  # noqa: E402
+from tasks.stage_process import prewarm, release_spare  # noqa: E402
 from tasks.store import Store  # noqa: E402
 from tasks.jobs import ParentRef, StageJob, dataset_parent  # noqa: E402
 
@@ -57,10 +58,12 @@ def stack_flow(spec_path: str, retrain: list[str] | None = None, data_dir: str =
         leases.hold(store.dataset_dir(dataset_digest(spec)))
         dataset = snapshot_task(spec, str(store.root))
         shapes = check_shapes(spec, dataset.shape, dataset.n_classes, where=spec_path)
+        try:
+            stages = build_stages(spec, dataset, store, set(retrain or []), leases)
 
-        stages = build_stages(spec, dataset, store, set(retrain or []), leases)
-
-        assembly = assemble(spec, dataset, store, stages, shapes, leases)
+            assembly = assemble(spec, dataset, store, stages, shapes, leases)
+        finally:
+            release_spare()
 
     summary = run_summary(spec, stages, assembly)
 
@@ -107,6 +110,9 @@ def build_stages(
     artifacts, so a retry of the flow run reuses them. Returns each stage's summary
     in topological order, after raising StageFailed if any stage failed.
     """
+    if any(decision.action == "train" for decision in plan_stack(spec, dataset, store, retrain)):
+        # The first stage to train then finds TensorFlow already imported.
+        prewarm()
     pending = spec.topological_order()
     running: dict[PrefectFuture, str] = {}
     summaries: dict[str, dict] = {}

@@ -10,14 +10,18 @@ STACKWISE_STAGE_MEMORY_MB, when set, caps each stage process's address space
 message that names the limit. TensorFlow 2.21 reserves about 2.5 GB of address space
 in a process that trains and exports a small model, so useful limits start near 3000.
 
-Protocol: the parent writes a JSON job file and starts `python -m
-tasks.stage_process JOB_FILE`. The child writes one JSON event per line to its
-standard output (anything else it would print goes to standard error) and ends
-with a `result` or an `error` event.
+Protocol: the parent starts `python -m tasks.stage_process`, writes a JSON job
+file and sends its path as one line on the child's standard input. The child
+imports TensorFlow before it reads that line, so a process started ahead of time
+(a spare, see `prewarm`) takes a job without that wait. The child writes one JSON
+event per line to its standard output (anything else it would print goes to
+standard error) and ends with a `result` or an `error` event. A child whose
+standard input closes without a job exits at once.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
 import json
 import logging
@@ -34,7 +38,7 @@ from typing import Any
 
 from tasks.errors import SpecError, StageFailed, StackwiseError
 
-__all__ = ["MEMORY_VARIABLE", "memory_limit_mb", "run_job"]
+__all__ = ["MEMORY_VARIABLE", "memory_limit_mb", "prewarm", "release_spare", "run_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +61,72 @@ def memory_limit_mb() -> int | None:
     return int(value)
 
 
+def _child_environment() -> dict[str, str]:
+    project_root = str(Path(__file__).resolve().parent.parent)
+    python_path = os.pathsep.join(filter(None, [project_root, os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path}
+
+
+def _start_process(environment: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tasks.stage_process"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+    )
+
+
+class _Spare:
+    """At most one stage process started ahead of time, with the environment it started with."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen | None = None
+        self._environment: dict[str, str] = {}
+
+    def start(self) -> None:
+        with self._lock:
+            if self._process is None or self._process.poll() is not None:
+                self._environment = _child_environment()
+                self._process = _start_process(self._environment)
+
+    def take(self, environment: dict[str, str]) -> subprocess.Popen | None:
+        """Return the spare if it is alive and started with `environment`, else None."""
+        with self._lock:
+            process, self._process = self._process, None
+            matches = self._environment == environment
+        if process is None or (process.poll() is None and matches):
+            return process
+        _dismiss(process)
+        return None
+
+    def release(self) -> None:
+        with self._lock:
+            process, self._process = self._process, None
+        if process is not None:
+            _dismiss(process)
+
+
+def _dismiss(process: subprocess.Popen) -> None:
+    """Close an unused process's standard input: it exits as soon as its imports finish."""
+    try:
+        process.stdin.close()
+    except OSError:
+        pass
+
+
+_SPARE = _Spare()
+atexit.register(_SPARE.release)
+
+
+def prewarm() -> None:
+    """Start a spare stage process now, so that the next job skips TensorFlow's import."""
+    _SPARE.start()
+
+
+def release_spare() -> None:
+    """Let the spare stage process, if any, exit."""
+    _SPARE.release()
+
+
 def run_job(
     action: str,
     job: dict[str, Any],
@@ -65,26 +135,28 @@ def run_job(
 ) -> dict[str, Any]:
     """Run `action` ("train" or "assemble") on `job` in a child process; return its result.
 
-    `on_event` receives every progress event. When the child fails without a message of
-    its own, it also receives a `stderr` event with the last lines of standard error.
-    Raises StageFailed with the child's own message, or with the end of its standard
+    The child is the spare process when there is one, and a stage's job starts the
+    next spare, since an assembly or another stage follows it. `on_event` receives
+    every progress event. When the child fails without a message of its own, it
+    also receives a `stderr` event with the last lines of standard error. Raises
+    StageFailed with the child's own message, or with the end of its standard
     error if it died without one (for example when the kernel killed it for memory).
     """
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="stackwise-job-", delete=False) as handle:
         json.dump({"action": action, "job": job}, handle)
-    project_root = str(Path(__file__).resolve().parent.parent)
-    python_path = os.pathsep.join(filter(None, [project_root, os.environ.get("PYTHONPATH")]))
-    environment = {
-        **os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path,
-    }
+    environment = _child_environment()
     try:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tasks.stage_process", handle.name],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
-        )
+        process = _SPARE.take(environment) or _start_process(environment)
+        if action == "train":
+            prewarm()
         stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
         reader = threading.Thread(target=_drain, args=(process.stderr, stderr_tail, label), daemon=True)
         reader.start()
+        try:
+            process.stdin.write(handle.name + "\n")
+            process.stdin.close()
+        except BrokenPipeError:
+            pass  # The child died while starting, so its exit code and stderr show the cause.
         outcome = _relay_events(process, on_event)
         process.wait()
         reader.join(timeout=5)
@@ -122,7 +194,12 @@ def _result_or_raise(outcome, returncode: int, stderr_tail, label: str) -> dict[
         return outcome["value"]
     limit = memory_limit_mb()
     if _ran_out_of_memory(outcome, returncode, stderr_tail, limit):
-        detail = outcome["message"] if outcome else " | ".join(list(stderr_tail)[-2:])
+        if outcome:
+            detail = outcome["message"]
+        elif returncode < 0:
+            detail = f"killed by {signal.Signals(-returncode).name}"
+        else:
+            detail = " | ".join(list(stderr_tail)[-2:])
         where = f"under the limit of {limit} MB set by {MEMORY_VARIABLE}" if limit else ""
         raise StageFailed(
             f"{label} ran out of memory {where} ({detail[:200]}); raise {MEMORY_VARIABLE} or lower "
@@ -155,8 +232,12 @@ def _ran_out_of_memory(outcome, returncode: int, stderr_tail, limit: int | None)
         return True
     if outcome and outcome["event"] == "result":
         return False
-    # Under RLIMIT_AS, TensorFlow may abort (SIGABRT) when a thread or buffer cannot be allocated.
-    return limit is not None and any(symptom in line for line in stderr_tail for symptom in MEMORY_SYMPTOMS)
+    if limit is None:
+        return False
+    # Under RLIMIT_AS, TensorFlow may abort (SIGABRT), or crash (SIGSEGV) in one of its
+    # input threads, when a thread or buffer cannot be allocated.
+    crashed = returncode in (-signal.SIGABRT, -signal.SIGSEGV)
+    return crashed or any(symptom in line for line in stderr_tail for symptom in MEMORY_SYMPTOMS)
 
 
 def _apply_memory_limit() -> None:
@@ -165,7 +246,7 @@ def _apply_memory_limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit << 20, limit << 20))
 
 
-def _main(job_file: str) -> int:
+def _main() -> int:
     # Keep stdout for events: anything that libraries print goes to stderr instead.
     events = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
@@ -173,16 +254,20 @@ def _main(job_file: str) -> int:
     def emit(event: dict[str, Any]) -> None:
         events.write(json.dumps(event) + "\n")
 
-    request = json.loads(Path(job_file).read_text())
     try:
         _apply_memory_limit()
-        if request["action"] == "train":
-            from tasks.training import StageJob, train_stage
+        # Import TensorFlow before the job arrives: a spare process does this ahead of time.
+        from tasks.assembly import AssemblyJob, assemble_stack
+        from tasks.training import StageJob, train_stage
 
+        job_file = sys.stdin.readline().strip()
+        if not job_file:
+            return 0
+        request = json.loads(Path(job_file).read_text())
+        emit({"event": "started", "pid": os.getpid()})
+        if request["action"] == "train":
             value = train_stage(StageJob.from_dict(request["job"]), emit)
         else:
-            from tasks.assembly import AssemblyJob, assemble_stack
-
             value = assemble_stack(AssemblyJob.from_dict(request["job"]), emit)
     except StackwiseError as exc:
         emit({"event": "error", "message": str(exc), "expected": True})
@@ -204,4 +289,4 @@ def _main(job_file: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1]))
+    sys.exit(_main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -181,6 +182,26 @@ def test_cli_json_summary(copy_of_trained):
         assert set(stage) >= {"name", "status", "fingerprint", "seconds", "started_at",
                               "finished_at", "model_dir", "feature_files"}
         assert set(stage["feature_files"]) == {"train", "validation", "test"}
+
+
+def test_cached_run_imports_no_tensorflow(copy_of_trained):
+    folder, spec_path = copy_of_trained
+    script = (
+        "import sys\n"
+        "from flows.cli import main\n"
+        f"code = main(['run', {str(spec_path)!r}, '--json'])\n"
+        "from tasks import stage_process\n"
+        "print('exit', code, 'tensorflow' in sys.modules, stage_process._SPARE._process is None, file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=folder, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(PROJECT), "PREFECT_HOME": str(folder / ".prefect")},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    assert [stage["status"] for stage in summary["stages"]] == ["cached"] * 3
+    # The flow process never imported TensorFlow and started no stage process, not even a spare.
+    assert "exit 0 False True" in result.stderr
 
 
 def test_plan_explains_changes(copy_of_trained):
