@@ -65,18 +65,27 @@ class Verification:
         return self.manifest is not None
 
 
-def checksum_files(folder: Path) -> dict[str, dict[str, Any]]:
-    """Return size, modification time and sha256 of every file below `folder` except the manifest."""
+def checksum_files(
+    folder: Path, known: dict[str, dict[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Return size, modification time and sha256 of every file below `folder` except the manifest.
+
+    A file whose entry in `known` has its current size and modification time keeps that
+    entry's sha256 instead of being read again, by the same rule as the quick check.
+    """
+    known = known or {}
     entries = {}
     for path in sorted(folder.rglob("*")):
         if not path.is_file() or path.name == MANIFEST and path.parent == folder:
             continue
+        relative = path.relative_to(folder).as_posix()
         stat = path.stat()
-        entries[path.relative_to(folder).as_posix()] = {
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-            "sha256": digest_file(path),
-        }
+        previous = known.get(relative, {})
+        if previous.get("size") == stat.st_size and previous.get("mtime_ns") == stat.st_mtime_ns:
+            sha256 = previous["sha256"]
+        else:
+            sha256 = digest_file(path)
+        entries[relative] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
     return entries
 
 
@@ -149,6 +158,9 @@ class Store:
     ) -> dict[str, Any]:
         """Write the manifest into `staged`, then rename it to `target`; return the manifest.
 
+        The manifest's `files` entries, if the caller already computed them, are reused
+        for every file whose size and modification time are unchanged.
+
         A damaged `target`, or any `target` when `replace` is set (a forced rebuild), is
         moved aside first and deleted after the new folder is in place. A sound `target`
         that another run published first is kept, and its manifest returned: replacing
@@ -157,7 +169,7 @@ class Store:
         manifest = {
             **manifest,
             "manifest_version": MANIFEST_VERSION,
-            "files": checksum_files(staged),
+            "files": checksum_files(staged, manifest.get("files")),
         }
         _fsync_tree(staged)
         _write_json_atomically(staged / MANIFEST, manifest)
