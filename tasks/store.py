@@ -7,6 +7,7 @@ Layout under the store's root (by default `./data`):
     assembled/<stack>/<fingerprint>/ the assembled SavedModel and report.json
     staging/                      folders being written; never read as artifacts
     prefect/                      Prefect's persisted task results and lock files
+    source-digests.json           cached sha256 of each data source (see `tasks.dataset`)
 
 An artifact is written into a folder under `staging/` and renamed into place only
 when complete, so a crash never leaves a partial folder where a later run looks. Its
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+SOURCE_DIGESTS = "source-digests.json"
 
 # Test hook: STACKWISE_PAUSE_AT=manifest-written:LABEL makes the process that has just
 # written the manifest of a staging folder whose name starts with LABEL (such as
@@ -137,6 +139,44 @@ class Store:
     @property
     def staging_dir(self) -> Path:
         return self.root / "staging"
+
+    @property
+    def source_digests_file(self) -> Path:
+        return self.root / SOURCE_DIGESTS
+
+    def cached_source_digest(self, key: str, identity: dict[str, Any]) -> str | None:
+        """Return the sha256 recorded for the data source `key`, or None if its identity changed.
+
+        `identity` is what must be unchanged for the recorded digest to hold, such as the
+        file's size and modification time.
+        """
+        entry = self._source_digests().get(key)
+        if not isinstance(entry, dict) or entry.get("identity") != identity:
+            return None
+        sha256 = entry.get("sha256")
+        return sha256 if isinstance(sha256, str) else None
+
+    def record_source_digest(self, key: str, identity: dict[str, Any], sha256: str) -> None:
+        """Record a data source's sha256 with the identity it was computed for.
+
+        Writes nothing if that entry is already recorded. Two processes that record at
+        the same moment each replace the whole file, so one entry can be lost. That
+        source is then hashed again by the next run.
+        """
+        digests = self._source_digests()
+        entry = {"identity": identity, "sha256": sha256}
+        if digests.get(key) == entry:
+            return
+        digests[key] = entry
+        self.root.mkdir(parents=True, exist_ok=True)
+        _write_json_atomically(self.source_digests_file, digests)
+
+    def _source_digests(self) -> dict[str, Any]:
+        try:
+            digests = json.loads(self.source_digests_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return digests if isinstance(digests, dict) else {}
 
     @contextmanager
     def staging(self, label: str) -> Iterator[Path]:
