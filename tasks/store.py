@@ -19,7 +19,8 @@ rest.
 NOTE: the quick check trusts a file whose size and modification time both match
 the manifest. An edit that keeps the size and then sets the old modification time
 back (`touch -d`, `os.utime`) is not caught by it. Only full verification
-(`verify(full=True)`) recomputes every digest.
+(`verify(full=True)`) recomputes every digest. `stackwise verify` runs it on every
+artifact in the store, or on those one spec uses (see `tasks.verify`).
 """
 
 from __future__ import annotations
