@@ -1,4 +1,4 @@
-"""The `stackwise` command line: run a stack as a local Prefect flow run, or plan one."""
+"""The `stackwise` command line: run a stack as a local Prefect flow run, plan, collect or verify."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 
 from flows.environment import apply_prefect_defaults, default_data_dir
@@ -48,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("specs", nargs="+", metavar="SPEC", help="stack spec YAML files whose artifacts to keep")
     gc.add_argument("--delete", action="store_true", help="remove the listed entries instead of only listing them")
     gc.add_argument("--data-dir", default=None, help="artifact store folder (default: ./data)")
+
+    verify = commands.add_parser(
+        "verify", help="recompute the sha256 of every file of every artifact and report damaged ones"
+    )
+    verify.add_argument("spec", nargs="?", default=None,
+                        help="check only the artifacts this stack spec uses (default: the whole store)")
+    verify.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
+    verify.add_argument("--data-dir", default=None,
+                        help="artifact store folder (default: $STACKWISE_DATA_DIR or ./data)")
     return parser
 
 
@@ -178,6 +188,61 @@ def _gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from tasks.errors import ArtifactError, UsageError
+    from tasks.spec import load_spec
+    from tasks.store import Store
+    from tasks.verify import check_spec_artifacts, check_store
+
+    store = Store(_data_dir(args.data_dir))
+    if not store.root.is_dir():
+        raise UsageError(
+            f"artifact store '{store.root}' not found; pass the folder that `stackwise run` "
+            "used with --data-dir or STACKWISE_DATA_DIR"
+        )
+    spec = load_spec(args.spec) if args.spec else None
+    checks = check_spec_artifacts(spec, store) if spec else check_store(store)
+    damaged = [check for check in checks if check.damaged]
+    if args.json:
+        print(json.dumps(_verify_summary(store, args.spec, checks), indent=2))
+    else:
+        print(_format_checks(store, checks))
+    if damaged:
+        folders = ", ".join(str(check.folder.relative_to(store.root)) for check in damaged)
+        noun, folder_noun = ("artifact", "this folder") if len(damaged) == 1 else ("artifacts", "these folders")
+        raise ArtifactError(
+            f"{len(damaged)} damaged {noun} in {store.root}: {folders}. Delete {folder_noun}, and the "
+            "next `stackwise run` of a spec that uses one rebuilds it. A run finds damage by itself "
+            "only when a file's size or modification time changed"
+        )
+    return 0
+
+
+def _format_checks(store, checks: list) -> str:
+    from tasks.verify import DAMAGED, SOUND
+
+    lines = []
+    for check in checks:
+        fingerprint = check.fingerprint[:12] if check.fingerprint else "-"
+        outcome = check.status if check.problem is None else f"{check.status}: {check.problem}"
+        lines.append(f"{check.kind:<9} {check.name:<16} {fingerprint:<12}  {outcome}")
+    counts = Counter(check.status for check in checks)
+    lines.append(
+        f"total: {len(checks)} artifacts in {store.root}, {counts[SOUND]} ok, {counts[DAMAGED]} damaged"
+    )
+    return "\n".join(lines)
+
+
+def _verify_summary(store, spec_path: str | None, checks: list) -> dict:
+    """Return the JSON output of `stackwise verify`: each artifact and the count per status."""
+    return {
+        "store": str(store.root),
+        "spec": spec_path,
+        "artifacts": [check.to_dict() for check in checks],
+        "counts": dict(Counter(check.status for check in checks)),
+    }
+
+
 def _megabytes(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
 
@@ -192,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "gc":
             return _gc(args)
+        if args.command == "verify":
+            return _verify(args)
         return _plan(args)
     except StackwiseError as exc:
         print(f"stackwise: error: {exc}", file=sys.stderr)

@@ -55,7 +55,7 @@ def stack_flow(spec_path: str, retrain: list[str] | None = None, data_dir: str =
 
     # The run holds a lease on every artifact folder it uses, so `stackwise gc` keeps them.
     with Leases(store) as leases:
-        leases.hold(store.dataset_dir(dataset_digest(spec)))
+        leases.hold(store.dataset_dir(dataset_digest(spec, store)))
         dataset = snapshot_task(spec, str(store.root))
         shapes = check_shapes(spec, dataset.shape, dataset.n_classes, where=spec_path)
         try:

@@ -3,6 +3,19 @@
 The snapshot's digest covers the source's bytes and the split settings, so an
 unchanged source is never parsed twice and any change to it gives a new digest,
 which changes every stage's fingerprint.
+
+Hashing the source on every run would read the whole file (or load the built-in
+data set) even when every stage is reused. So the store caches each source's sha256
+in `source-digests.json`, keyed by the file's resolved path. A cached digest is used
+while the file's size and modification time (`mtime_ns`) are those recorded; for a
+built-in source, while the providing package's version, its data files' sizes and
+times, and the sha256 of `tasks/sources.py` are. Any difference recomputes it. The
+cache is written only after a snapshot of the source exists in the store.
+
+NOTE: like the store's quick check, the cache trusts a file whose size and
+modification time are unchanged. An edit that keeps the size and sets the old time
+back (`touch -d`, `os.utime`) is not seen. Delete `source-digests.json` to force a
+recomputation.
 """
 
 from __future__ import annotations
@@ -10,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +32,7 @@ import numpy as np
 from tasks.errors import DataError
 from tasks.features import read_feature_file, write_feature_file
 from tasks.fingerprint import digest_file, digest_json
-from tasks.sources import load_builtin
+from tasks.sources import builtin_files, load_builtin
 from tasks.spec import StackSpec
 from tasks.store import Store
 
@@ -64,7 +78,74 @@ class Dataset:
         )
 
 
-def _source_digest(spec: StackSpec) -> str:
+@dataclass(frozen=True)
+class _SourceDigest:
+    """A data source's sha256, and the cache key and identity to record it under.
+
+    `key` and `identity` are None for a source whose digest is never cached.
+    """
+
+    sha256: str
+    key: str | None = None
+    identity: dict[str, Any] | None = None
+
+
+def _source_digest(spec: StackSpec, store: Store | None = None) -> _SourceDigest:
+    if not spec.data.is_builtin:
+        _check_source_file(spec.data_path())
+    # Taken before the source is read, so that a file edited while it is hashed is
+    # recorded under its old identity, which no longer matches.
+    found = _source_identity(spec)
+    if found is None:
+        return _SourceDigest(_hash_source(spec))
+    if store is not None:
+        cached = store.cached_source_digest(*found)
+        if cached is not None:
+            return _SourceDigest(cached, *found)
+    return _SourceDigest(_hash_source(spec), *found)
+
+
+def _check_source_file(path: Path) -> None:
+    if path.is_dir():
+        raise DataError(f"data.source: '{path}' is a folder; give a .parquet or .csv file")
+    if not path.exists():
+        raise DataError(
+            f"data.source: file '{path}' not found; check the path, which is relative to "
+            "the spec file's folder"
+        )
+
+
+def _source_identity(spec: StackSpec) -> tuple[str, dict[str, Any]] | None:
+    """Return the source's cache key and what must stay unchanged for its cached digest to hold.
+
+    Reads no data, only file sizes and times. Returns None when those cannot be read,
+    so that the source is hashed and its error reported as usual.
+    """
+    if not spec.data.is_builtin:
+        try:
+            stat = spec.data_path().stat()
+        except OSError:
+            return None
+        return f"file:{spec.data_path()}", {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    found = builtin_files(spec.data.source)
+    if found is None:
+        return None
+    distribution, files = found
+    sizes_and_times = {}
+    try:
+        version = metadata.version(distribution)
+        for path in files:
+            stat = path.stat()
+            sizes_and_times[str(path)] = [stat.st_size, stat.st_mtime_ns]
+    except (metadata.PackageNotFoundError, OSError):
+        return None
+    # A built-in digest covers what the loader returns, so the loader's code counts too.
+    loader = digest_file(Path(__file__).with_name("sources.py"))
+    identity = {"distribution": distribution, "version": version, "files": sizes_and_times, "loader": loader}
+    return f"builtin:{spec.data.source}", identity
+
+
+def _hash_source(spec: StackSpec) -> str:
     if spec.data.is_builtin:
         features, labels, classes, shape = load_builtin(spec.data.source)
         digest = hashlib.sha256(spec.data.source.encode())
@@ -73,13 +154,6 @@ def _source_digest(spec: StackSpec) -> str:
         digest.update(",".join(classes).encode())
         return digest.hexdigest()
     path = spec.data_path()
-    if path.is_dir():
-        raise DataError(f"data.source: '{path}' is a folder; give a .parquet or .csv file")
-    if not path.exists():
-        raise DataError(
-            f"data.source: file '{path}' not found; check the path, which is relative to "
-            "the spec file's folder"
-        )
     try:
         return digest_file(path)
     except OSError as exc:
@@ -248,11 +322,18 @@ def _split(spec: StackSpec, labels: np.ndarray, classes: list[str]) -> dict[str,
     return splits
 
 
-def dataset_digest(spec: StackSpec) -> str:
-    """Return the digest of the spec's dataset snapshot: the source's bytes and the split settings."""
+def dataset_digest(spec: StackSpec, store: Store | None = None) -> str:
+    """Return the digest of the spec's dataset snapshot: the source's bytes and the split settings.
+
+    With `store`, an unchanged source's sha256 comes from the store's cache.
+    """
+    return _snapshot_digest(spec, _source_digest(spec, store).sha256)
+
+
+def _snapshot_digest(spec: StackSpec, source_sha256: str) -> str:
     return digest_json(
         {
-            "source": _source_digest(spec),
+            "source": source_sha256,
             "features": spec.data.features,
             "label": spec.data.label,
             "shape": spec.data.shape,
@@ -266,11 +347,15 @@ def snapshot_dataset(spec: StackSpec, store: Store) -> Dataset:
 
     An existing snapshot with the same digest is reused without reading the source.
     """
-    digest = dataset_digest(spec)
+    source = _source_digest(spec, store)
+    digest = _snapshot_digest(spec, source.sha256)
     folder = store.dataset_dir(digest)
     manifest = store.lookup(folder)
     if manifest is None:
         manifest = _write_snapshot(spec, store, digest, folder)
+    # Recorded only now, so that a source rejected as invalid leaves the store untouched.
+    if source.key is not None:
+        store.record_source_digest(source.key, source.identity, source.sha256)
     return Dataset(
         digest=digest,
         folder=folder,

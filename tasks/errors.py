@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["StackwiseError", "SpecError", "DataError", "StageFailed", "ArtifactError"]
+__all__ = ["StackwiseError", "SpecError", "DataError", "StageFailed", "ArtifactError", "UsageError"]
 
 
 class StackwiseError(Exception):
@@ -36,3 +36,9 @@ class ArtifactError(StackwiseError):
     """Raised when an artifact in the store is incomplete or fails its checksums."""
 
     exit_code = 1
+
+
+class UsageError(StackwiseError):
+    """Raised when a command-line argument names something that does not exist, such as the store."""
+
+    exit_code = 2

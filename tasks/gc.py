@@ -71,7 +71,7 @@ def references(specs: list[StackSpec], store: Store) -> References:
     """Return every artifact the specs reference, computed as `stackwise plan` does."""
     found = References()
     for spec in specs:
-        digest = dataset_digest(spec)
+        digest = dataset_digest(spec, store)
         found.datasets.add(digest)
         dataset = _snapshot_or_placeholder(store, digest)
         try:

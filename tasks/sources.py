@@ -9,7 +9,7 @@ import numpy as np
 
 from tasks.errors import DataError
 
-__all__ = ["BasicMotionsWindows", "load_builtin"]
+__all__ = ["BasicMotionsWindows", "builtin_files", "load_builtin"]
 
 # BasicMotions (UEA archive, as shipped in sktime's datasets/data folder): 80 recordings
 # of a smartwatch's 3-axis accelerometer and 3-axis gyroscope at 10 Hz, 100 steps each,
@@ -84,6 +84,26 @@ BUILTIN_LOADERS = {
     "sklearn:digits": _load_digits,
     "sktime:BasicMotions": BasicMotionsWindows.load,
 }
+
+
+def builtin_files(source: str) -> tuple[str, list[Path]] | None:
+    """Return the distribution that ships a built-in source and the files it is read from.
+
+    Returns None when that distribution is not installed, and for a source not listed
+    here, whose digest is then never cached.
+    """
+    if source == "sklearn:digits":
+        spec = importlib.util.find_spec("sklearn")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        return "scikit-learn", [Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"]
+    if source == "sktime:BasicMotions":
+        try:
+            folder = BasicMotionsWindows.folder()
+        except DataError:
+            return None
+        return "sktime", [folder / f"BasicMotions_{part}.ts" for part in ("TRAIN", "TEST")]
+    return None
 
 
 def load_builtin(source: str) -> tuple[np.ndarray, np.ndarray, list[str], tuple[int, ...]]:

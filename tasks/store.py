@@ -7,6 +7,7 @@ Layout under the store's root (by default `./data`):
     assembled/<stack>/<fingerprint>/ the assembled SavedModel and report.json
     staging/                      folders being written; never read as artifacts
     prefect/                      Prefect's persisted task results and lock files
+    source-digests.json           cached sha256 of each data source (see `tasks.dataset`)
 
 An artifact is written into a folder under `staging/` and renamed into place only
 when complete, so a crash never leaves a partial folder where a later run looks. Its
@@ -18,7 +19,8 @@ rest.
 NOTE: the quick check trusts a file whose size and modification time both match
 the manifest. An edit that keeps the size and then sets the old modification time
 back (`touch -d`, `os.utime`) is not caught by it. Only full verification
-(`verify(full=True)`) recomputes every digest.
+(`verify(full=True)`) recomputes every digest. `stackwise verify` runs it on every
+artifact in the store, or on those one spec uses (see `tasks.verify`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+SOURCE_DIGESTS = "source-digests.json"
 
 # Test hook: STACKWISE_PAUSE_AT=manifest-written:LABEL makes the process that has just
 # written the manifest of a staging folder whose name starts with LABEL (such as
@@ -65,18 +68,27 @@ class Verification:
         return self.manifest is not None
 
 
-def checksum_files(folder: Path) -> dict[str, dict[str, Any]]:
-    """Return size, modification time and sha256 of every file below `folder` except the manifest."""
+def checksum_files(
+    folder: Path, known: dict[str, dict[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Return size, modification time and sha256 of every file below `folder` except the manifest.
+
+    A file whose entry in `known` has its current size and modification time keeps that
+    entry's sha256 instead of being read again, by the same rule as the quick check.
+    """
+    known = known or {}
     entries = {}
     for path in sorted(folder.rglob("*")):
         if not path.is_file() or path.name == MANIFEST and path.parent == folder:
             continue
+        relative = path.relative_to(folder).as_posix()
         stat = path.stat()
-        entries[path.relative_to(folder).as_posix()] = {
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-            "sha256": digest_file(path),
-        }
+        previous = known.get(relative, {})
+        if previous.get("size") == stat.st_size and previous.get("mtime_ns") == stat.st_mtime_ns:
+            sha256 = previous["sha256"]
+        else:
+            sha256 = digest_file(path)
+        entries[relative] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
     return entries
 
 
@@ -129,6 +141,44 @@ class Store:
     def staging_dir(self) -> Path:
         return self.root / "staging"
 
+    @property
+    def source_digests_file(self) -> Path:
+        return self.root / SOURCE_DIGESTS
+
+    def cached_source_digest(self, key: str, identity: dict[str, Any]) -> str | None:
+        """Return the sha256 recorded for the data source `key`, or None if its identity changed.
+
+        `identity` is what must be unchanged for the recorded digest to hold, such as the
+        file's size and modification time.
+        """
+        entry = self._source_digests().get(key)
+        if not isinstance(entry, dict) or entry.get("identity") != identity:
+            return None
+        sha256 = entry.get("sha256")
+        return sha256 if isinstance(sha256, str) else None
+
+    def record_source_digest(self, key: str, identity: dict[str, Any], sha256: str) -> None:
+        """Record a data source's sha256 with the identity it was computed for.
+
+        Writes nothing if that entry is already recorded. Two processes that record at
+        the same moment each replace the whole file, so one entry can be lost. That
+        source is then hashed again by the next run.
+        """
+        digests = self._source_digests()
+        entry = {"identity": identity, "sha256": sha256}
+        if digests.get(key) == entry:
+            return
+        digests[key] = entry
+        self.root.mkdir(parents=True, exist_ok=True)
+        _write_json_atomically(self.source_digests_file, digests)
+
+    def _source_digests(self) -> dict[str, Any]:
+        try:
+            digests = json.loads(self.source_digests_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return digests if isinstance(digests, dict) else {}
+
     @contextmanager
     def staging(self, label: str) -> Iterator[Path]:
         """Yield a fresh folder under `staging/`; remove it if the block raises.
@@ -149,6 +199,9 @@ class Store:
     ) -> dict[str, Any]:
         """Write the manifest into `staged`, then rename it to `target`; return the manifest.
 
+        The manifest's `files` entries, if the caller already computed them, are reused
+        for every file whose size and modification time are unchanged.
+
         A damaged `target`, or any `target` when `replace` is set (a forced rebuild), is
         moved aside first and deleted after the new folder is in place. A sound `target`
         that another run published first is kept, and its manifest returned: replacing
@@ -157,7 +210,7 @@ class Store:
         manifest = {
             **manifest,
             "manifest_version": MANIFEST_VERSION,
-            "files": checksum_files(staged),
+            "files": checksum_files(staged, manifest.get("files")),
         }
         _fsync_tree(staged)
         _write_json_atomically(staged / MANIFEST, manifest)

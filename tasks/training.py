@@ -35,7 +35,7 @@ from tasks.features import FeatureFileWriter
 from tasks.fingerprint import digest_file, digest_json, library_versions
 from tasks.jobs import StageJob
 from tasks.stage_input import StageInput, open_stage_inputs
-from tasks.store import Store
+from tasks.store import Store, checksum_files
 
 __all__ = ["batches", "stage_manifest", "train_stage", "weights_digest"]
 
@@ -269,9 +269,22 @@ def stage_manifest(
     started: float,
     saved_models: list[str] = ("model",),
 ) -> dict[str, Any]:
-    """Return the manifest of a stage artifact staged in `staged`, with its digests."""
-    weights = weights_digest(staged, list(saved_models))
-    feature_digests = {split: digest_file(staged / entry["file"]) for split, entry in features.items()}
+    """Return the manifest of a stage artifact staged in `staged`, with its digests.
+
+    Each file is read once: the weights and artifact digests come from the manifest's
+    `files` entries, which `Store.publish` reuses instead of hashing the files again.
+    """
+    files = checksum_files(staged)
+    # The mapping that `weights_digest` hashes, built from the entries.
+    weights = digest_json({
+        name: {
+            relative.rpartition("/")[2]: entry["sha256"]
+            for relative, entry in files.items()
+            if relative.rpartition("/")[0] == f"{name}/variables"
+        }
+        for name in saved_models
+    })
+    feature_digests = {split: files[entry["file"]]["sha256"] for split, entry in features.items()}
     return {
         "kind": "stage",
         "stack": job.stack,
@@ -291,4 +304,5 @@ def stage_manifest(
         "seconds": round(time.time() - started, 3),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "libraries": library_versions(),
+        "files": files,
     }
