@@ -154,14 +154,22 @@ def _extract_features(
     return written
 
 
-def weights_digest(folder: Path, saved_models: list[str]) -> str:
-    # The checkpoint files under variables/ hold exactly the weights, in a byte
+def weights_digest(folder: Path, saved_models: list[str], files: dict[str, dict] | None = None) -> str:
+    """Return the digest of the weights of the SavedModels `saved_models` under `folder`.
+
+    `files`, entries as `checksum_files` returns them, supplies each file's sha256
+    in place of reading the file.
+    """
+    # The checkpoint files under variables/ contain exactly the weights, in a byte
     # layout that is the same for the same values, unlike saved_model.pb.
     digests = {}
     for name in saved_models:
         variables = folder / name / "variables"
-        files = sorted(variables.iterdir()) if variables.is_dir() else []
-        digests[name] = {path.name: digest_file(path) for path in files}
+        paths = sorted(variables.iterdir()) if variables.is_dir() else []
+        digests[name] = {
+            path.name: files[path.relative_to(folder).as_posix()]["sha256"] if files else digest_file(path)
+            for path in paths
+        }
     return digest_json(digests)
 
 
@@ -275,15 +283,7 @@ def stage_manifest(
     `files` entries, which `Store.publish` reuses instead of hashing the files again.
     """
     files = checksum_files(staged)
-    # The mapping that `weights_digest` hashes, built from the entries.
-    weights = digest_json({
-        name: {
-            relative.rpartition("/")[2]: entry["sha256"]
-            for relative, entry in files.items()
-            if relative.rpartition("/")[0] == f"{name}/variables"
-        }
-        for name in saved_models
-    })
+    weights = weights_digest(staged, list(saved_models), files)
     feature_digests = {split: files[entry["file"]]["sha256"] for split, entry in features.items()}
     return {
         "kind": "stage",
