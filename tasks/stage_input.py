@@ -26,7 +26,13 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from tasks.errors import SpecError, StageFailed
-from tasks.features import FeatureTable, read_feature_file, read_feature_metadata, read_row_groups
+from tasks.features import (
+    FeatureTable,
+    read_feature_file,
+    read_feature_metadata,
+    read_row_groups,
+    row_group_rows,
+)
 from tasks.jobs import ParentRef
 
 __all__ = [
@@ -73,18 +79,17 @@ def merge_features(arrays: list[np.ndarray], merge: str) -> np.ndarray:
     return MERGES[merge](np.stack(arrays)).astype(np.float32)
 
 
-def _row_group_starts(parquet: pq.ParquetFile) -> np.ndarray:
-    """Return the first row of every row group, and the row count at the end."""
-    sizes = [parquet.metadata.row_group(index).num_rows for index in range(parquet.num_row_groups)]
-    return np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+def _row_group_starts(path: Path) -> np.ndarray:
+    """Return the first row of every row group of a feature file, and its row count at the end."""
+    return np.concatenate([[0], np.cumsum(row_group_rows(path), dtype=np.int64)])
 
 
 class _RowGroupReader:
     """Read any range of rows of one feature file, keeping the last row groups it read."""
 
     def __init__(self, path: Path) -> None:
-        self.file = pq.ParquetFile(path, memory_map=True)
-        self.starts = _row_group_starts(self.file)
+        self.file = pq.ParquetFile(path)
+        self.starts = _row_group_starts(path)
         self._cache: OrderedDict[int, FeatureTable] = OrderedDict()
 
     def _group(self, index: int) -> FeatureTable:
@@ -131,7 +136,7 @@ class StageInput:
                 )
         self.rows = counts[0]
         # Window boundaries: the first parent's row groups, in either mode.
-        self.starts = _row_group_starts(pq.ParquetFile(self.paths[0]))
+        self.starts = _row_group_starts(self.paths[0])
         if merge == "concat" and len(shapes) > 1:
             self.shape: tuple[int, ...] = (sum(math.prod(shape) for shape in shapes),)
         else:
