@@ -6,10 +6,9 @@ snapshot. ACTION is one of:
 
 - `train`: train the spec's first stage (a root stage) with `train_stage`, as the
   stage process of a run does, and publish it, replacing an earlier artifact.
-- `extract`: stream the train split through the frozen model of the first stage's
-  latest artifact and write the outputs as a feature file at OUTPUT. It uses the same
-  model calls and writer as the extraction in `train_stage`, but reads its input one
-  row group at a time, where `train_stage` now reads the whole input into memory.
+- `extract`: run the first stage's latest artifact over the train split with the
+  extraction code of `train_stage`, writing into the new folder OUTPUT. The input is
+  streamed or read into memory as STACKWISE_MEMORY_BUDGET_MB decides.
 
 It prints one JSON object: the process's peak resident set size in megabytes
 (`ru_maxrss`), and for `train` the stage manifest.
@@ -32,16 +31,13 @@ from tasks.spec import load_spec  # noqa: E402
 from tasks.store import Store  # noqa: E402
 
 
-def train_first_stage(spec_path: str, data_dir: str) -> dict:
-    """Train the spec's first stage as the flow would, forced; return its manifest."""
-    from tasks.training import train_stage
-
+def _first_stage_job(spec_path: str, data_dir: str) -> StageJob:
+    """Return the job that trains the spec's first stage as the flow would, forced."""
     spec = load_spec(spec_path)
     store = Store(data_dir)
     dataset = snapshot_dataset(spec, store)
-    stage = spec.stages[0]
-    decision = decide_stage(spec, stage, dataset, {}, store, force=True)
-    job = StageJob(
+    decision = decide_stage(spec, spec.stages[0], dataset, {}, store, force=True)
+    return StageJob(
         stack=spec.name,
         stage=decision.inputs["stage"],
         fingerprint=decision.fingerprint,
@@ -51,31 +47,30 @@ def train_first_stage(spec_path: str, data_dir: str) -> dict:
         store_root=str(store.root),
         force=True,
     )
-    return train_stage(job)
+
+
+def train_first_stage(spec_path: str, data_dir: str) -> dict:
+    """Train the spec's first stage as the flow would, forced; return its manifest."""
+    from tasks.training import train_stage
+
+    return train_stage(_first_stage_job(spec_path, data_dir))
 
 
 def extract_first_stage(spec_path: str, data_dir: str, output: str) -> int:
-    """Write the first stage's outputs for the train split to `output`; return the rows written."""
-    from tasks.blocks import load_frozen_stage, predict_in_batches
-    from tasks.features import FeatureFileWriter, iter_feature_batches
+    """Write the first stage's train-split features into the folder `output`; return the rows written.
 
-    spec = load_spec(spec_path)
-    store = Store(data_dir)
-    dataset = snapshot_dataset(spec, store)
-    stage = spec.stages[0].name
-    folders = sorted((store.root / "stages" / stage).iterdir(), key=lambda folder: folder.stat().st_mtime)
-    frozen = load_frozen_stage(folders[-1] / "model", stage)
-    writer = None
-    for batch in iter_feature_batches(dataset.split_file("train")):
-        start = 0
-        for outputs in predict_in_batches(frozen, batch.features):
-            if writer is None:
-                writer = FeatureFileWriter(Path(output), outputs.shape[1:], {"stage": stage})
-            stop = start + len(outputs)
-            writer.write(outputs, batch.labels[start:stop], batch.row_ids[start:stop])
-            start = stop
-    writer.close()
-    return writer.rows_written
+    It runs the extraction that `train_stage` runs after training, on the stage's
+    latest artifact, with the input read in memory or streamed as the budget decides.
+    """
+    from tasks.stage_input import open_stage_inputs
+    from tasks.training import _extract_features
+
+    job = _first_stage_job(spec_path, data_dir)
+    folders = sorted((Store(data_dir).root / "stages" / job.stage["name"]).iterdir(),
+                     key=lambda folder: folder.stat().st_mtime)
+    inputs = open_stage_inputs(job.parents, ("train",))
+    written = _extract_features(folders[-1] / "model", job, inputs, Path(output))
+    return written["train"]["rows"]
 
 
 def main(action: str, spec_path: str, data_dir: str, output: str | None = None) -> None:
