@@ -279,6 +279,7 @@ class EditLoop:
     head_training: float  # the head's manifest `seconds` in the head-only rerun
     assembly: float  # the assembled model's manifest `seconds` in the head-only rerun
     test_accuracy: float  # of the assembled stack after the head-only rerun
+    tensorflow_import: float  # a new process importing the stage process's modules
 
 
 def _stackwise_run(spec_path: Path, data_dir: Path, environment: dict[str, str]) -> tuple[float, dict]:
@@ -314,7 +315,7 @@ def measure_edit_loop(spec: dict, folder: Path, api_url: str) -> EditLoop:
     assembly_manifest = _read_manifest(Path(summary["model_dir"]).parent)
     accuracy = float(summary["evaluation"]["metrics"]["accuracy"])
     return EditLoop(cold, cached, head_only, float(head_manifest["seconds"]),
-                    float(assembly_manifest["seconds"]), accuracy)
+                    float(assembly_manifest["seconds"]), accuracy, tensorflow_import_seconds(folder))
 
 
 def _read_manifest(folder: Path) -> dict:
@@ -331,7 +332,18 @@ def _edit_loop_rows(section: int, loop: EditLoop, cached_target: str = "", note:
         Row(section, "all-cached / cold", loop.cached / loop.cold, "ratio", cached_target),
         Row(section, "head-only / (all-cached + head training)",
             loop.head_only / (loop.cached + loop.head_training), "ratio", "< 1.2"),
+        Row(section, "TensorFlow import in a new process", loop.tensorflow_import, "s",
+            note="what any process that trains the head pays first"),
+        Row(section, "head-only / (all-cached + TensorFlow import + head training)",
+            loop.head_only / (loop.cached + loop.tensorflow_import + loop.head_training), "ratio"),
     ]
+
+
+def tensorflow_import_seconds(folder: Path) -> float:
+    """Time a new Python process that imports what a stage process imports, and exits."""
+    command = [sys.executable, "-c", "import tasks.training, tasks.assembly"]
+    seconds, _ = _timed(command, _environment(folder / "prefect", None), PROJECT)
+    return seconds
 
 
 def _temporary_server_seconds(folder: Path) -> float:

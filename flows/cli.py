@@ -107,8 +107,15 @@ def _hide_expected_tracebacks() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from tasks.plan import any_stage_trains
+    from tasks.stage_process import prewarm
+
     data_dir = _data_dir(args.data_dir)
-    _preflight(args.spec, args.retrain, data_dir)
+    spec, store, dataset = _preflight(args.spec, args.retrain, data_dir)
+    if any_stage_trains(spec, dataset, store, set(args.retrain)):
+        # Start a stage process now, so that its TensorFlow import overlaps Prefect's
+        # import and start and the check of the cached stages.
+        prewarm()
 
     from flows.stack_flow import stack_flow
 

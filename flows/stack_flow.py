@@ -17,7 +17,7 @@ from tasks.bases import pretrained_job_extra  # noqa: E402
 from tasks.dataset import Dataset, dataset_digest  # noqa: E402
 from tasks.errors import StageFailed  # noqa: E402
 from tasks.leases import Leases  # noqa: E402
-from tasks.plan import assembly_job, decide_stage, plan_stack  # noqa: E402
+from tasks.plan import any_stage_trains, assembly_job, decide_stage  # noqa: E402
 from tasks.prefect_tasks import (  # noqa: E402
     assemble_task,
     publish_run_report,
@@ -110,7 +110,7 @@ def build_stages(
     artifacts, so a retry of the flow run reuses them. Returns each stage's summary
     in topological order, after raising StageFailed if any stage failed.
     """
-    if any(decision.action == "train" for decision in plan_stack(spec, dataset, store, retrain)):
+    if any_stage_trains(spec, dataset, store, retrain):
         # The first stage to train then finds TensorFlow already imported.
         prewarm()
     pending = spec.topological_order()

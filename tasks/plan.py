@@ -159,6 +159,11 @@ def plan_stack(
     return decisions
 
 
+def any_stage_trains(spec: StackSpec, dataset: Dataset, store: Store, retrain: set[str] | None = None) -> bool:
+    """Return whether a run of `spec` now would train at least one stage."""
+    return any(decision.action == "train" for decision in plan_stack(spec, dataset, store, retrain))
+
+
 def assembly_job(
     spec: StackSpec,
     dataset: Dataset,

@@ -146,7 +146,9 @@ def run_job(
         json.dump({"action": action, "job": job}, handle)
     environment = _child_environment()
     try:
-        process = _SPARE.take(environment) or _start_process(environment)
+        process = _SPARE.take(environment)
+        logger.info("%s: %s", label, "started ahead of time" if process else "starting a stage process")
+        process = process or _start_process(environment)
         if action == "train":
             prewarm()
         stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
@@ -289,4 +291,9 @@ def _main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    status = _main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # TensorFlow's shutdown takes about a second, and the job's files are already
+    # written, synced and published, so the process skips it.
+    os._exit(status)
