@@ -7,6 +7,7 @@ memory and global state stay inside that process.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import resource
@@ -32,7 +33,7 @@ from tasks.blocks import (
 from tasks.dataset import SPLITS
 from tasks.errors import StageFailed
 from tasks.features import FeatureFileWriter
-from tasks.fingerprint import digest_file, digest_json, library_versions
+from tasks.fingerprint import digest_json, library_versions
 from tasks.jobs import StageJob
 from tasks.stage_input import StageInput, open_stage_inputs
 from tasks.store import Store, checksum_files
@@ -154,23 +155,37 @@ def _extract_features(
     return written
 
 
-def weights_digest(folder: Path, saved_models: list[str], files: dict[str, dict] | None = None) -> str:
-    """Return the digest of the weights of the SavedModels `saved_models` under `folder`.
+def weights_digest(folder: Path, saved_models: list[str]) -> str:
+    """Return a digest of the weight values of the SavedModels `saved_models` under `folder`.
 
-    `files`, entries as `checksum_files` returns them, supplies each file's sha256
-    in place of reading the file.
+    It covers every variable's dtype, shape and bytes, in sorted order. The
+    checkpoint files themselves are not hashed: two exports of the same weights can
+    list the variables in a different order.
     """
-    # The checkpoint files under variables/ contain exactly the weights, in a byte
-    # layout that is the same for the same values, unlike saved_model.pb.
     digests = {}
     for name in saved_models:
-        variables = folder / name / "variables"
-        paths = sorted(variables.iterdir()) if variables.is_dir() else []
-        digests[name] = {
-            path.name: files[path.relative_to(folder).as_posix()]["sha256"] if files else digest_file(path)
-            for path in paths
-        }
+        prefix = folder / name / "variables" / "variables"
+        values = []
+        if prefix.with_suffix(".index").is_file():
+            reader = tf.train.load_checkpoint(str(prefix))
+            for key in reader.get_variable_to_shape_map():
+                # The object graph records where each variable sits, not its value.
+                if key != "_CHECKPOINTABLE_OBJECT_GRAPH":
+                    values.append(_value_digest(reader.get_tensor(key)))
+        digests[name] = sorted(values)
     return digest_json(digests)
+
+
+def _value_digest(value) -> str:
+    array = np.asarray(value)
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    if array.dtype.kind == "O":
+        # String tensors come back as arrays of bytes objects.
+        digest.update(b"\0".join(item if isinstance(item, bytes) else str(item).encode()
+                                   for item in array.ravel()))
+    else:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def _train_classifier(job: StageJob, inputs: dict[str, StageInput], emit: EventSink):
@@ -279,11 +294,12 @@ def stage_manifest(
 ) -> dict[str, Any]:
     """Return the manifest of a stage artifact staged in `staged`, with its digests.
 
-    Each file is read once: the weights and artifact digests come from the manifest's
-    `files` entries, which `Store.publish` reuses instead of hashing the files again.
+    Each file is hashed once: the feature digests come from the manifest's `files`
+    entries, which `Store.publish` reuses instead of hashing the files again. The
+    weights digest reads the checkpoint's values (see `weights_digest`).
     """
     files = checksum_files(staged)
-    weights = weights_digest(staged, list(saved_models), files)
+    weights = weights_digest(staged, list(saved_models))
     feature_digests = {split: files[entry["file"]]["sha256"] for split, entry in features.items()}
     return {
         "kind": "stage",
