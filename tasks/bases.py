@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -497,13 +495,12 @@ def inspect_saved_base(path: str, digest: str, endpoint: str | None, shape: Shap
     stack never imports it. `digest` is part of the cache key only, so a replaced
     file is read again.
     """
-    project_root = str(Path(__file__).resolve().parent.parent)
-    python_path = os.pathsep.join(filter(None, [project_root, os.environ.get("PYTHONPATH")]))
+    from tasks.stage_process import child_command, child_environment
+
     request = json.dumps({"path": path, "endpoint": endpoint, "shape": list(shape)})
     result = subprocess.run(
-        [sys.executable, "-m", "tasks.pretrained", "inspect", request],
-        capture_output=True, text=True, timeout=INSPECT_TIMEOUT_SECONDS,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": python_path},
+        child_command("tasks.pretrained", "inspect", request),
+        capture_output=True, text=True, timeout=INSPECT_TIMEOUT_SECONDS, env=child_environment(),
     )
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or not lines:

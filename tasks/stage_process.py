@@ -10,7 +10,7 @@ STACKWISE_STAGE_MEMORY_MB, when set, caps each stage process's address space
 message that names the limit. TensorFlow 2.21 reserves about 2.5 GB of address space
 in a process that trains and exports a small model, so useful limits start near 3000.
 
-Protocol: the parent starts `python -m tasks.stage_process`, writes a JSON job
+Protocol: the parent starts `python -P -m tasks.stage_process`, writes a JSON job
 file and sends its path as one line on the child's standard input. The child
 imports TensorFlow before it reads that line, so a process started ahead of time
 (a spare, see `prewarm`) takes a job without that wait. The child writes one JSON
@@ -38,7 +38,15 @@ from typing import Any
 
 from tasks.errors import SpecError, StageFailed, StackwiseError
 
-__all__ = ["MEMORY_VARIABLE", "memory_limit_mb", "prewarm", "release_spare", "run_job"]
+__all__ = [
+    "MEMORY_VARIABLE",
+    "child_command",
+    "child_environment",
+    "memory_limit_mb",
+    "prewarm",
+    "release_spare",
+    "run_job",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +61,7 @@ def memory_limit_mb() -> int | None:
     value = os.environ.get(MEMORY_VARIABLE, "").strip()
     if not value:
         return None
-    if not value.isdigit() or int(value) == 0:
+    if not (value.isascii() and value.isdigit()) or int(value) == 0:
         raise SpecError(
             f"{MEMORY_VARIABLE}={value!r}: expected a positive whole number of megabytes, such as "
             "4096; unset it for no limit"
@@ -61,15 +69,25 @@ def memory_limit_mb() -> int | None:
     return int(value)
 
 
-def _child_environment() -> dict[str, str]:
+def child_environment() -> dict[str, str]:
+    """Return the environment of a stackwise child process: this checkout first on the path."""
     project_root = str(Path(__file__).resolve().parent.parent)
     python_path = os.pathsep.join(filter(None, [project_root, os.environ.get("PYTHONPATH")]))
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path}
 
 
+def child_command(module: str, *arguments: str) -> list[str]:
+    """Return the command that runs `module` of this checkout in a new Python process.
+
+    `-P` keeps the working folder off the module path, so a `tasks` folder of the
+    user's own there cannot take the place of stackwise's.
+    """
+    return [sys.executable, "-P", "-m", module, *arguments]
+
+
 def _start_process(environment: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "tasks.stage_process"],
+        child_command("tasks.stage_process"),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
     )
 
@@ -85,7 +103,7 @@ class _Spare:
     def start(self) -> None:
         with self._lock:
             if self._process is None or self._process.poll() is not None:
-                self._environment = _child_environment()
+                self._environment = child_environment()
                 self._process = _start_process(self._environment)
 
     def take(self, environment: dict[str, str]) -> subprocess.Popen | None:
@@ -144,7 +162,7 @@ def run_job(
     """
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="stackwise-job-", delete=False) as handle:
         json.dump({"action": action, "job": job}, handle)
-    environment = _child_environment()
+    environment = child_environment()
     try:
         process = _SPARE.take(environment)
         logger.info("%s: %s", label, "started ahead of time" if process else "starting a stage process")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from flows.stack_flow import stack_flow
@@ -9,7 +14,7 @@ from tasks.errors import StageFailed
 from tasks.jobs import ParentRef, StageJob
 from tasks.stage_process import run_job
 from tasks.store import Store
-from tests.conftest import diverging_spec, write_spec
+from tests.conftest import PROJECT, diverging_spec, tiny_spec, write_spec
 
 
 def stage_job(parent_folder, feature_files) -> StageJob:
@@ -71,3 +76,19 @@ def test_diverged_stage_fails_run_keeps_parent(tmp_path, prefect_server):
     assert len(hidden_1) == 1
     assert Store(tmp_path / "data").verify(hidden_1[0], full=True).ok
     assert not (tmp_path / "data" / "stages" / "hidden_2").exists()
+
+
+@pytest.mark.slow
+def test_own_tasks_folder_does_not_shadow_stackwise(tmp_path):
+    # A user's project often has a `tasks` package; stage processes must still run stackwise's.
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "__init__.py").write_text("raise ImportError('the user project tasks package')\n")
+    spec_path = write_spec(tmp_path, tiny_spec(defaults={"epochs": 1, "batch_size": 64, "seed": 0}))
+    environment = {**os.environ, "PYTHONPATH": str(PROJECT), "PREFECT_HOME": str(tmp_path / ".prefect")}
+    # `-P` runs the command as the installed `stackwise` script does: without the working folder on the path.
+    result = subprocess.run(
+        [sys.executable, "-P", "-m", "flows.cli", "run", str(spec_path), "--json"],
+        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {stage["status"] for stage in json.loads(result.stdout)["stages"]} == {"trained"}
