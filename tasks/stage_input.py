@@ -56,7 +56,7 @@ def memory_budget_bytes() -> int:
     value = os.environ.get(BUDGET_VARIABLE, "").strip()
     if not value:
         return DEFAULT_BUDGET_MB << 20
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise SpecError(
             f"{BUDGET_VARIABLE}={value!r}: expected a whole number of megabytes, such as 1024; "
             f"unset it for the default of {DEFAULT_BUDGET_MB}"

@@ -96,7 +96,8 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     """Return the parsed manifest of `folder`, or None if it is missing or unreadable."""
     try:
         return json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
+        # RecursionError: JSON nested deeper than the parser's recursion limit.
         return None
 
 
@@ -299,10 +300,18 @@ def _check_file(path: Path, expected: dict[str, Any], full: bool) -> str | None:
         stat = path.stat()
     except FileNotFoundError:
         return "file missing"
+    except OSError as exc:
+        # Such as a file where the artifact had a folder (NotADirectoryError).
+        return f"cannot be read: {exc.strerror}"
+    if not path.is_file():
+        return "is not a file"
     if stat.st_size != expected["size"]:
         return f"size is {stat.st_size} bytes, the manifest records {expected['size']}"
     if full or stat.st_mtime_ns != expected.get("mtime_ns"):
-        actual = digest_file(path)
+        try:
+            actual = digest_file(path)
+        except OSError as exc:
+            return f"cannot be read: {exc.strerror}"
         if actual != expected["sha256"]:
             return f"sha256 is {actual[:12]}…, the manifest records {expected['sha256'][:12]}…"
     return None

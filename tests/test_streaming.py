@@ -100,7 +100,7 @@ def test_budget_decides_streaming(parents, monkeypatch):
     assert memory_budget_bytes() == 1024 << 20
 
 
-@pytest.mark.parametrize("value", ["lots", "-5", "1.5"])
+@pytest.mark.parametrize("value", ["lots", "-5", "1.5", "²", "١٠"])
 def test_bad_budget_names_the_variable(monkeypatch, value):
     monkeypatch.setenv(BUDGET_VARIABLE, value)
     with pytest.raises(SpecError, match=rf"^{BUDGET_VARIABLE}='{value}': expected a whole number"):

@@ -103,6 +103,37 @@ def test_forged_time_edit_caught(trained_copy, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def replace_folder_with_file(folder: Path) -> None:
+    shutil.rmtree(folder)
+    folder.write_text("x")
+
+
+def nest_manifest(folder: Path) -> None:
+    (folder / "manifest.json").write_text("[" * 200_000)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda folders: replace_folder_with_file(folders["head"] / "model"), "cannot be read: Not a directory"),
+    (lambda folders: nest_manifest(folders["head"]), "missing or not valid JSON"),
+], ids=["file in place of folder", "deeply nested manifest"])
+def test_odd_damage_reported_not_raised(trained_copy, tmp_path, damage, problem):
+    data_dir, spec_path, folders = trained_copy
+    damage(folders)
+
+    result = verify(data_dir=data_dir, cwd=tmp_path)
+    plan = run_cli("plan", str(spec_path), "--data-dir", str(data_dir), cwd=tmp_path)
+
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    outcomes = {key.split()[1]: outcome for key, outcome in artifact_lines(result.stdout).items()}
+    assert outcomes["head"].startswith("damaged: ")
+    assert problem in outcomes["head"]
+    # A run rebuilds what the quick check rejects.
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    head = next(line for line in plan.stdout.splitlines() if line.split()[:1] == ["head"])
+    assert head.split()[1] == "train"
+
+
 def test_json_output_lists_damage(trained_copy, tmp_path):
     data_dir, spec_path, folders = trained_copy
     flip_byte(folders["head"] / "features" / "test.parquet", keep_mtime=True)
