@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -254,8 +256,16 @@ def _megabytes(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (a process manager, a CI timeout) stops a run as Ctrl-C does, so Prefect's
+        # temporary server and the stage processes are shut down too.
+        signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # One line per HTTP request to the Prefect API buries the training log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
