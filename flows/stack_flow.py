@@ -133,6 +133,9 @@ def build_stages(
         except BaseException as exc:  # noqa: BLE001 - reported after the other branches finish.
             failures[name] = exc
             continue
+        # The folder comes from this store: a result cached in a store that was since
+        # copied or moved names the old location.
+        summary = {**summary, "folder": str(store.stage_dir(name, summary["fingerprint"]))}
         manifest = store.lookup(Path(summary["folder"]))
         if manifest is None:
             failures[name] = StageFailed(
@@ -177,7 +180,8 @@ def assemble(
     reusable = store.lookup(store.assembled_dir(spec.name, job.fingerprint)) is not None
     options = task_options(store, refresh=not reusable)
     future = assemble_task.with_options(**options).submit(job.fingerprint, job.to_dict())
-    return _mark_cached(future, future.result())
+    folder = store.assembled_dir(spec.name, job.fingerprint)
+    return _mark_cached(future, {**future.result(), "folder": str(folder)})
 
 
 def run_summary(spec: StackSpec, stages: dict[str, dict], assembly: dict) -> dict[str, Any]:

@@ -82,6 +82,19 @@ def test_rerun_is_cached_and_rewrites_nothing(copy_of_trained, prefect_server):
     assert file_times(folder / "data") == before
 
 
+def test_moved_store_stands_alone(copy_of_trained, prefect_server):
+    folder, spec_path = copy_of_trained
+    moved = folder / "moved"
+    shutil.move(folder / "data", moved)
+    summary = stack_flow(str(spec_path), data_dir=str(moved))
+    assert set(statuses(summary).values()) == {"cached"}
+    # Prefect's cached results were written for the first store; every path now names the new one.
+    for stage in summary["stages"]:
+        assert stage["model_dir"].startswith(f"{moved}/")
+    assert summary["model_dir"].startswith(f"{moved}/")
+    assert summary["report"].startswith(f"{moved}/")
+
+
 def test_head_change_retrains_head_only(copy_of_trained, trained, prefect_server):
     folder, _ = copy_of_trained
     spec = tiny_spec()
