@@ -100,7 +100,9 @@ def mutated_specs(draw) -> dict:
         elif action == "replace":
             parent[path[-1]] = draw(values)
         else:
-            stage = draw(st.sampled_from(spec["stages"])) if isinstance(spec.get("stages"), list) else None
+            stages = spec.get("stages")
+            # An earlier mutation may have emptied the stage list or replaced it.
+            stage = draw(st.sampled_from(stages)) if isinstance(stages, list) and stages else None
             if isinstance(stage, dict):
                 stage["layers"] = draw(st.lists(random_layer, max_size=4))
     return spec
