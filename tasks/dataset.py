@@ -305,8 +305,8 @@ def _split(spec: StackSpec, labels: np.ndarray, classes: list[str]) -> dict[str,
             "stratify: false"
         ) from None
     # Training rows keep the split's seeded random order. Training shuffles a large
-    # input window by window, which only mixes well when no window holds rows of one
-    # class or one period of time.
+    # input window by window, which mixes well only when each window has rows of many
+    # classes and periods of time.
     splits = {"train": train, "validation": np.sort(validation), "test": np.sort(test)}
     for name, indices in splits.items():
         if len(indices) == 0:

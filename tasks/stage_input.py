@@ -122,6 +122,7 @@ class StageInput:
     def __init__(self, parents: list[ParentRef], split: str, merge: str = "concat", stream: bool = False):
         self.parents, self.split, self.merge, self.stream = parents, split, merge, stream
         self.paths = [Path(ref.folder) / ref.feature_files[split] for ref in parents]
+
         shapes, counts = [], []
         for path in self.paths:
             metadata = read_feature_metadata(path)
@@ -135,14 +136,14 @@ class StageInput:
                     "`stackwise run --retrain`"
                 )
         self.rows = counts[0]
+
         # Window boundaries: the first parent's row groups, in either mode.
         self.starts = _row_group_starts(self.paths[0])
         if merge == "concat" and len(shapes) > 1:
             self.shape: tuple[int, ...] = (sum(math.prod(shape) for shape in shapes),)
         else:
             self.shape = shapes[0]
-        # Bytes one example takes across all parents' files, before merging.
-        self.row_bytes = 4 * sum(max(1, math.prod(shape)) for shape in shapes)
+
         self._table: FeatureTable | None = None
         self._readers: list[_RowGroupReader] = []
         if stream:

@@ -47,13 +47,18 @@ def test_snapshot_records_source_digest(tmp_path):
     assert entry["identity"] == {"size": data.stat().st_size, "mtime_ns": data.stat().st_mtime_ns}
 
 
-def test_unchanged_stat_uses_cached_digest(tmp_path):
+def snapshot_then_edit(tmp_path):
+    """Snapshot a file source, then edit the file keeping its size and time; return what the tests need."""
     data, spec_path = file_source(tmp_path)
     spec = load_spec(spec_path)
     store = Store(tmp_path / "store")
     first = snapshot_dataset(spec, store).digest
-
     same_size_edit(data)
+    return data, spec, store, first
+
+
+def test_unchanged_stat_uses_cached_digest(tmp_path):
+    data, spec, store, first = snapshot_then_edit(tmp_path)
 
     # The content changed, but its size and time did not, so the cached digest is used:
     # the file was not read. Without the store, the digest comes from the new bytes.
@@ -62,11 +67,7 @@ def test_unchanged_stat_uses_cached_digest(tmp_path):
 
 
 def test_changed_time_recomputes_digest(tmp_path):
-    data, spec_path = file_source(tmp_path)
-    spec = load_spec(spec_path)
-    store = Store(tmp_path / "store")
-    first = snapshot_dataset(spec, store).digest
-    same_size_edit(data)
+    data, spec, store, first = snapshot_then_edit(tmp_path)
     stat = data.stat()
 
     os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))

@@ -128,7 +128,7 @@ def stage_job(stage_name: str, parents: list[ParentRef], store: Path) -> StageJo
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["supervised", "autoencoder"])
-def test_stage_trains_to_same_weights_streamed_or_in_memory(parents, tmp_path, monkeypatch, objective):
+def test_same_training_streamed_or_in_memory(parents, tmp_path, monkeypatch, objective):
     from tasks.training import train_stage
 
     manifests = {}
